@@ -83,17 +83,22 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 def remap(hub_state: dict, mapping: dict, ignore: Callable[[str], bool] = lambda k: False,
           source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Rename hub tensors to ours. mapping: our_key -> hub_key, or our_key -> (hub_key, fn)
-    where fn transforms the tensor (e.g. GPT-2's Conv1D transpose). Every hub key must be
-    either mapped or explicitly ignored by the `ignore` rule; anything else is an error."""
+    where fn transforms the tensor (e.g. GPT-2's Conv1D transpose), or our_key ->
+    ([hub_key, ...], fn) where fn(*tensors) builds one tensor (e.g. a fused q/k/v weight).
+    Every hub key must be either mapped or explicitly ignored by the `ignore` rule; anything
+    else is an error."""
     ours, used = {}, set()
     missing = []
     for our_key, spec in mapping.items():
-        hub_key, fn = spec if isinstance(spec, tuple) else (spec, None)
-        if hub_key not in hub_state:
-            missing.append(hub_key)
+        hub_keys, fn = spec if isinstance(spec, tuple) else (spec, None)
+        hub_keys = [hub_keys] if isinstance(hub_keys, str) else list(hub_keys)
+        absent = [k for k in hub_keys if k not in hub_state]
+        if absent:
+            missing.extend(absent)
             continue
-        used.add(hub_key)
-        ours[our_key] = fn(hub_state[hub_key]) if fn else hub_state[hub_key]
+        used.update(hub_keys)
+        tensors = [hub_state[k] for k in hub_keys]
+        ours[our_key] = fn(*tensors) if fn else tensors[0]
     unexpected = sorted(k for k in hub_state if k not in used and not ignore(k))
     if missing or unexpected:
         raise CheckpointError(f"{source}: " + "; ".join(
