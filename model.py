@@ -128,6 +128,7 @@ class AttnContext:
     sin: torch.Tensor | None
     mask: torch.Tensor | None     # (B, 1, T, S) bool, True = may attend; None = plain causal
     cache: "KVCache | None" = None
+    ways: torch.Tensor | None = None  # (B, T) modality id per token, read by MWA blocks only
 
 
 class KVCache:
@@ -261,13 +262,15 @@ class LLM(nn.Module):
         return self.lm_head(self.norm_f(x))
 
     def forward(self, idx=None, inputs_embeds=None, positions=None, attn_mask=None,
-                cache=None, logits_at=None):
+                cache=None, logits_at=None, ways=None):
         """idx: (B, T) token ids, or inputs_embeds: (B, T, C). Returns logits (B, T, V), or
-        (N, V) at the positions selected by logits_at."""
+        (N, V) at the positions selected by logits_at. ways (B, T): per-token modality, read
+        only by MWA-wrapped blocks."""
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds
         if positions is None:
             positions = default_positions(x, attn_mask, cache)
         x, ctx = self.context(x, positions, attn_mask, cache)
+        ctx.ways = ways
         for block in self.blocks:
             x = block(x, ctx)
         if cache is not None:

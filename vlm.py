@@ -1,0 +1,259 @@
+"""
+The multimodal model: a frozen vision tower, a connector, one of the three adapter designs, and
+the frozen decoder LLM. The data flow, top to bottom:
+
+    pixels (B, 3, H, W) --ViT (frozen)--> patch features (B, Np, Dv)
+      --Projector (pixel shuffle + Linear-GELU-Linear)--> image tokens (B, Ni, d)
+    CROME: Q-Former(patch features, instruction) (B, Q, Hq) --Linear--> (B, Q, d)
+           CROMEAdapter(image tokens, query tokens) -> visual = [image; query] (B, Ni+Q, d)
+    IAA, MWA: visual = image tokens
+    input_ids with an image_mask: the visual tokens are spliced in at the placeholder positions
+    CROME: frozen LLM;  MWA: frozen LLM whose blocks route image/text tokens to their adapters;
+    IAA: the InnerAdaptor's multimodal workflow around the frozen layers.
+    loss: cross-entropy on the answer tokens only, with logits computed only there.
+
+TRAINABLE says, per design and stage, which components train; everything else is frozen
+(requires_grad=False, eval mode) and never written to a stage's checkpoint.
+
+DualEncoder is the contrastive image-text model of stage 0 (BLIP-2 stage-1 ITC, to pretrain
+the offline vision tower and the Q-Former's query way) and of MWA's retrieval setting.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWAConfig,
+                      add_mwa_to_llm, add_mwa_to_qformer)
+from model import generate
+
+DESIGNS = ("crome", "iaa", "mwa")
+
+# Which components train, per design and stage (1 pretraining, 2 instruction tuning,
+# 3 task fine-tuning). CROME's rows are the paper's Fig. 3; IAA and MWA follow the same
+# spirit (ours): stage 1 aligns through the connector alone, LLaVA-style; stage 2 adds the
+# design's own modules; stage 3 tunes the design's modules alone.
+TRAINABLE = {
+    "crome": {1: ("projector", "qformer_proj", "adapter"),
+              2: ("projector", "qformer", "qformer_proj", "adapter"),
+              3: ("adapter",)},
+    "iaa": {1: ("projector",), 2: ("projector", "adapter"), 3: ("adapter",)},
+    "mwa": {1: ("projector",), 2: ("projector", "adapter"), 3: ("adapter",)},
+}
+
+
+def saved_components(design: str, stage: int) -> tuple:
+    """A stage's checkpoint holds everything trained up to and including that stage, so each
+    run directory is self-contained for evaluation and for the next stage."""
+    return tuple(sorted({c for s in range(1, stage + 1) for c in TRAINABLE[design][s]}))
+
+
+@dataclass
+class VLMConfig:
+    adapter: str = "crome"
+    select_layer: int = -1      # ViT layer fed to the connector (LLaVA/IAA use -2 at scale)
+    shuffle: int = 2            # pixel shuffle: s x s patches -> one token (1 = LLaVA's plain MLP)
+    system_prompt: str = "Answer the question about the image in a word or two."
+    max_instruction_len: int = 32   # Q-Former instruction tokens (CROME)
+    crome: CROMEConfig = field(default_factory=CROMEConfig)
+    iaa: IAAConfig = field(default_factory=IAAConfig)
+    mwa: MWAConfig = field(default_factory=MWAConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        subs = {"crome": CROMEConfig, "iaa": IAAConfig, "mwa": MWAConfig}
+        d = dict(d)
+        for key, sub in subs.items():
+            if isinstance(d.get(key), dict):
+                d[key] = sub(**d[key])
+        if isinstance(d["iaa"].insert_after, list):
+            d["iaa"].insert_after = tuple(d["iaa"].insert_after)
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's connector, Linear -> GELU -> Linear (IAA uses the same), after an optional
+    pixel shuffle (as in nanoVLM / Idefics3) that folds each s x s block of patches into one
+    token, so Np patches of width Dv become Np/s^2 tokens of width Dv*s^2."""
+
+    def __init__(self, vision_dim, llm_dim, shuffle=1):
+        super().__init__()
+        self.shuffle = shuffle
+        self.fc1 = nn.Linear(vision_dim * shuffle * shuffle, llm_dim)
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x):
+        B, N, D = x.shape                                   # (B, Np, Dv)
+        s, g = self.shuffle, math.isqrt(N)
+        if s > 1:
+            x = x.view(B, g // s, s, g // s, s, D).permute(0, 1, 3, 2, 4, 5)
+            x = x.reshape(B, (g // s) ** 2, s * s * D)      # (B, Np/s^2, Dv*s^2)
+        return self.fc2(F.gelu(self.fc1(x)))                # (B, Ni, d)
+
+
+class VLM(nn.Module):
+    """Vision tower + connector + adapter design + frozen LLM. See the module docstring."""
+
+    def __init__(self, cfg: VLMConfig, llm, vision, qformer=None):
+        super().__init__()
+        if cfg.adapter not in DESIGNS:
+            raise ValueError(f"unknown adapter {cfg.adapter!r}: choose one of {', '.join(DESIGNS)}")
+        self.cfg = cfg
+        d, dv = llm.config.n_embd, vision.config.hidden_size
+        self.llm, self.vision = llm, vision
+        self.projector = Projector(dv, d, cfg.shuffle)
+        self.qformer = self.qformer_proj = None
+        if cfg.adapter == "crome":
+            if qformer is None:
+                raise ValueError("CROME needs a Q-Former")
+            self.qformer = qformer
+            self.qformer_proj = nn.Linear(qformer.config.hidden_size, d)
+            self.adapter = CROMEAdapter(d, cfg.crome)
+        elif cfg.adapter == "iaa":
+            self.adapter = InnerAdaptor(llm, cfg.iaa)
+        else:
+            self.adapter = add_mwa_to_llm(llm, cfg.mwa)
+        patches = (vision.config.image_size // vision.config.patch_size) ** 2
+        self.n_image_tokens = patches // cfg.shuffle ** 2
+        self.n_visual = self.n_image_tokens + (qformer.config.num_query_tokens if qformer else 0)
+        self.stage = None
+
+    # --------------------------------------------------------------- stages and freezing
+
+    def set_stage(self, stage: int):
+        """Freeze everything, then unfreeze this stage's components (TRAINABLE)."""
+        self.stage = stage
+        self.requires_grad_(False)
+        for name in TRAINABLE[self.cfg.adapter][stage]:
+            getattr(self, name).requires_grad_(True)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        """Frozen components stay in eval mode (no dropout) whatever the mode."""
+        super().train(mode)
+        if self.stage is not None:
+            trainable = TRAINABLE[self.cfg.adapter][self.stage]
+            for name, module in self.named_children():
+                if name not in trainable:
+                    module.eval()
+            if "adapter" in trainable and self.cfg.adapter == "mwa":
+                self.adapter.train(mode)
+        return self
+
+    def components(self):
+        return {n: m for n, m in self.named_children() if m is not None}
+
+    def trainable_state(self) -> dict:
+        """Weights of saved_components(design, stage), keyed 'component.param'."""
+        names = saved_components(self.cfg.adapter, self.stage)
+        return {f"{n}.{k}": v for n in names for k, v in getattr(self, n).state_dict().items()}
+
+    # --------------------------------------------------------------- forward
+
+    def visual_tokens(self, pixels, instr_ids=None, instr_mask=None):
+        """pixels (B, 3, H, W) -> the visual tokens spliced into the LLM input (B, Nv, d)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trains()):
+            feats = self.vision(pixels, select_layer=self.cfg.select_layer)  # (B, Np(+1), Dv)
+        if self.vision.config.class_token:
+            feats = feats[:, 1:]                                             # (B, Np, Dv)
+        image = self.projector(feats)                                        # (B, Ni, d)
+        if self.cfg.adapter != "crome":
+            return image
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.qformer_trains()):
+            normed = self.vision.post_layernorm(feats)
+            queries = self.qformer(normed, instr_ids, instr_mask)            # (B, Q, Hq)
+        image, text = self.adapter(image, self.qformer_proj(queries))
+        return torch.cat([image, text], dim=1)                               # (B, Ni+Q, d)
+
+    def vision_trains(self):
+        return any(p.requires_grad for p in self.vision.parameters())
+
+    def qformer_trains(self):
+        return any(p.requires_grad for p in self.qformer.parameters())
+
+    def embed(self, batch):
+        """Token embeddings with the visual tokens written at the image positions."""
+        visual = self.visual_tokens(batch["pixels"], batch.get("instr_ids"), batch.get("instr_mask"))
+        ids, image_mask = batch["input_ids"], batch["image_mask"]
+        table = self.adapter.embed if self.cfg.adapter == "iaa" else self.llm.wte
+        x = table(ids)                                                        # (B, T, d)
+        x = x.masked_scatter(image_mask[..., None], visual.to(x.dtype))
+        return x
+
+    def run_llm(self, inputs_embeds=None, ways=None, idx=None, **kw):
+        """The LLM call of this design (kw: attn_mask, cache, logits_at). ways: (B, T) with 1
+        at image tokens, used by MWA; None means all text (decoding)."""
+        if self.cfg.adapter == "iaa":
+            return self.adapter(self.llm, idx=idx, inputs_embeds=inputs_embeds, **kw)
+        return self.llm(idx=idx, inputs_embeds=inputs_embeds, ways=ways, **kw)
+
+    def forward(self, batch):
+        """Mean cross-entropy over the answer tokens (labels != -100)."""
+        x = self.embed(batch)
+        labels = batch["labels"]
+        at = torch.zeros_like(labels, dtype=torch.bool)
+        at[:, :-1] = labels[:, 1:] != -100             # position t predicts token t+1
+        targets = labels[:, 1:][labels[:, 1:] != -100]
+        logits = self.run_llm(x, batch["image_mask"].long(), logits_at=at)   # (N, V)
+        return F.cross_entropy(logits.float(), targets)
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens=16, stop_ids=(), **sampling):
+        """Answers (lists of token ids) for a left-padded prompt batch: input_ids, image_mask,
+        attn_mask, pixels (and instr_ids, instr_mask for CROME). KV-cached decoding."""
+        ways = batch["image_mask"].long()
+
+        def step(idx=None, inputs_embeds=None, **kw):
+            return self.run_llm(inputs_embeds, ways if idx is None else None, idx=idx, **kw)
+
+        new_cache = (lambda b, n: self.adapter.new_cache(self.llm, b, n)) \
+            if self.cfg.adapter == "iaa" else self.llm.new_cache
+        return generate(step, new_cache, inputs_embeds=self.embed(batch),
+                        attn_mask=batch.get("attn_mask"), max_new_tokens=max_new_tokens,
+                        stop_ids=stop_ids, **sampling)
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+
+class DualEncoder(nn.Module):
+    """Image-text contrastive model: BLIP-2's stage-1 ITC (Li et al. 2023, Sec. 3.2) and the
+    MultiWay-Adapter's retrieval setting. Image side: ViT -> post-LN -> Q-Former query way ->
+    per-query projections; text side: the Q-Former's text way (BERT) [CLS] -> projection.
+    Similarity = max over queries of the cosine (BLIP-2); symmetric CLIP loss with a learnable
+    temperature initialised to 1/0.07. Ours: captions that repeat within a batch count as
+    positives of each other (soft targets), since small caption sets repeat a lot."""
+
+    def __init__(self, vision, qformer, embed_dim=256):
+        super().__init__()
+        self.vision, self.qformer = vision, qformer
+        h = qformer.config.hidden_size
+        self.vision_proj = nn.Linear(h, embed_dim)
+        self.text_proj = nn.Linear(h, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def image_features(self, pixels):
+        feats = self.vision.post_layernorm(self.vision(pixels, select_layer=-1))
+        queries = self.qformer(feats)                                      # (B, Q, H)
+        return F.normalize(self.vision_proj(queries), dim=-1)              # (B, Q, E)
+
+    def text_features(self, ids, mask):
+        cls = self.qformer(None, ids, mask)[:, 0]                          # (B, H)
+        return F.normalize(self.text_proj(cls), dim=-1)                    # (B, E)
+
+    def similarity(self, image_feats, text_feats):
+        """(Bi, Q, E) x (Bt, E) -> (Bi, Bt): best-matching query per pair."""
+        return torch.einsum("iqe,te->itq", image_feats, text_feats).max(-1).values
+
+    def forward(self, pixels, ids, mask, caption_ids):
+        """caption_ids (B,): equal ids mark identical captions (positives of each other)."""
+        sim = self.similarity(self.image_features(pixels), self.text_features(ids, mask))
+        logits = self.logit_scale.exp().clamp(max=100) * sim               # (B, B)
+        same = (caption_ids[:, None] == caption_ids[None, :]).float()
+        targets = same / same.sum(-1, keepdim=True)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
