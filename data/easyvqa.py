@@ -1,0 +1,154 @@
+"""
+easy-vqa (PyPI `easy-vqa`, 64x64 images of one coloured shape with templated questions) written
+out in the conversation format of data/dataset.py, for every training stage:
+
+    captions_{split}.json  stage 0/1  "<image>\\nDescribe the image." -> "a red circle"
+    vqa_{split}.json       stage 2    the package's questions -> its one-word answers, with "type"
+    mc_{split}.json        stage 3    the same questions as lettered multiple choice (the
+                                      ScienceQA prompt of LLaVA), answer = the letter
+
+Splits: test = the package's test images; val = train images whose id is a multiple of 10
+(a fixed 10%); train = the other train images. Images are not copied: paths are relative to the
+package's own data folder, which is returned as "image_root".
+
+Captions are our construction: easy-vqa has no captions, so each image's shape and colour are
+read off its questions (open answers, and the shapes/colours that questions or positive yes/no
+answers say are present). Images where neither is known get no caption; where one is known the
+caption names only that ("a red shape", "a circle").
+"""
+import argparse
+import importlib.util
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from checkpoint import save_json
+from data.dataset import IMAGE, DataError
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+CAPTION_PROMPT = "Describe the image."
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCDEFGH"
+
+
+def package_root() -> Path:
+    """easy_vqa's data folder, found without importing the package."""
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None:
+        raise DataError("easy-vqa is not installed (pip install --no-deps easy-vqa==1.0)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def default_out_dir() -> Path:
+    cache = os.environ.get("VLM_ADAPTERS_CACHE") or Path.home() / ".cache" / "vlm-adapters"
+    return Path(cache) / "easy-vqa"
+
+
+def read_split(root: Path, split: str) -> tuple[dict[int, list[tuple[int, str, str]]], list[int]]:
+    """(question index, question, answer) per question grouped by image id, and the image ids
+    that have a file, from the package's questions.json and images/ folder."""
+    questions = json.loads((root / split / "questions.json").read_text(encoding="utf-8"))
+    image_ids = sorted(int(p.stem) for p in (root / split / "images").glob("*.png"))
+    by_image = defaultdict(list)
+    for index, (text, answer, image_id) in enumerate(questions):
+        by_image[image_id].append((index, text, answer))
+    return by_image, image_ids
+
+
+def question_type(answer: str) -> str:
+    return "yes/no" if answer in ("yes", "no") else "shape" if answer in SHAPES else "color"
+
+
+def shape_and_color(questions) -> tuple[str | None, str | None]:
+    """What an image's questions say it shows. A yes/no question names something present when
+    the answer is yes to a plain question or no to a negated one ("is there not a red shape?")."""
+    seen = set()
+    for _, text, answer in questions:
+        words = set(text.rstrip("?").split())
+        if question_type(answer) != "yes/no":
+            seen |= words | {answer}
+        elif (answer == "yes") != bool(words & {"not", "no"}):
+            seen |= words
+    shapes, colors = seen & set(SHAPES), seen & set(COLORS)
+    if len(shapes) > 1 or len(colors) > 1:
+        raise DataError(f"easy-vqa questions contradict each other: {sorted(shapes | colors)}")
+    return next(iter(shapes), None), next(iter(colors), None)
+
+
+def row(row_id: str, image: str, prompt: str, answer: str, **extra) -> dict:
+    return {"id": row_id, "image": image, **extra, "conversations": [
+        {"from": "human", "value": f"{IMAGE}\n{prompt}"}, {"from": "gpt", "value": answer}]}
+
+
+def multiple_choice(row_id: str, question: str, answer: str) -> tuple[str, list[str], str]:
+    """(prompt, options, letter). Yes/no: both in random order; shape: the 3 shapes; colour:
+    the true colour and 3 others. Seeded by the row id, so every run writes the same file."""
+    rng = random.Random(row_id)
+    kind = question_type(answer)
+    if kind == "yes/no":
+        options = ["yes", "no"]
+    elif kind == "shape":
+        options = list(SHAPES)
+    else:
+        options = [answer] + rng.sample([c for c in COLORS if c != answer], 3)
+    rng.shuffle(options)
+    listed = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return f"{question}\nOptions: {listed}\n{MC_INSTRUCTION}", options, LETTERS[options.index(answer)]
+
+
+def build_rows(root: Path) -> tuple[dict[str, dict[str, list]], dict[str, int]]:
+    """All rows per file kind and split, and how many images lack a shape / colour / both."""
+    known = set((root / "answers.txt").read_text(encoding="utf-8").split())
+    if known != set(SHAPES) | set(COLORS) | {"yes", "no"}:
+        raise DataError(f"{root}/answers.txt lists unexpected answers {sorted(known)}")
+    rows = {kind: defaultdict(list) for kind in ("captions", "vqa", "mc")}
+    gaps = {"no shape": 0, "no colour": 0, "neither (no caption)": 0}
+    for package_split in ("train", "test"):
+        by_image, image_ids = read_split(root, package_split)
+        for image_id in image_ids:
+            split = "test" if package_split == "test" else "val" if image_id % 10 == 0 else "train"
+            image = f"{package_split}/images/{image_id}.png"
+            shape, color = shape_and_color(by_image[image_id])
+            gaps["no shape"] += shape is None
+            gaps["no colour"] += color is None
+            if shape or color:
+                caption = " ".join(w for w in ("a", color, shape or "shape") if w)
+                rows["captions"][split].append(row(f"{package_split}-{image_id}", image,
+                                                   CAPTION_PROMPT, caption))
+            else:
+                gaps["neither (no caption)"] += 1
+            for index, question, answer in by_image[image_id]:
+                row_id = f"{package_split}-{image_id}-q{index}"
+                kind = question_type(answer)
+                rows["vqa"][split].append(row(row_id, image, question, answer, type=kind))
+                prompt, options, letter = multiple_choice(row_id, question, answer)
+                rows["mc"][split].append(row(row_id, image, prompt, letter, type=kind,
+                                             options=options, answer_text=answer))
+    return rows, gaps
+
+
+def prepare_easyvqa(out_dir=None) -> dict[str, Path]:
+    """Write the 9 files (idempotent: same content on every run; atomic writes) and return
+    {"captions_train": path, ..., "mc_test": path, "image_root": folder}."""
+    root = package_root()
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
+    rows, gaps = build_rows(root)
+    print("easy-vqa images: " + ", ".join(f"{v} {k}" for k, v in gaps.items()))
+    paths = {}
+    for kind, splits in rows.items():
+        for split in ("train", "val", "test"):
+            path = paths[f"{kind}_{split}"] = out_dir / f"{kind}_{split}.json"
+            save_json(splits[split], path)
+            print(f"{path}: {len(splits[split])} rows")
+    paths["image_root"] = root
+    return paths
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write easy-vqa as conversation JSON files.")
+    parser.add_argument("--out", help="output folder (default: $VLM_ADAPTERS_CACHE/easy-vqa "
+                                      "or ~/.cache/vlm-adapters/easy-vqa)")
+    prepare_easyvqa(parser.parse_args().out)

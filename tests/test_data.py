@@ -1,0 +1,245 @@
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.dataset import DataError, captions, load_conversations, load_image
+from data.easyvqa import COLORS, LETTERS, SHAPES, multiple_choice, package_root, prepare_easyvqa
+
+KINDS, SPLITS = ("captions", "vqa", "mc"), ("train", "val", "test")
+
+
+# ---- the easy-vqa converter, on the real package ----------------------------------------
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return prepare_easyvqa(tmp_path_factory.mktemp("easy-vqa"))
+
+
+@pytest.fixture(scope="module")
+def rows(prepared):
+    return {(k, s): json.loads(prepared[f"{k}_{s}"].read_text()) for k in KINDS for s in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def package_questions():
+    """image path -> [(question, answer)], straight from the package's questions.json files."""
+    by_image = defaultdict(list)
+    for split in ("train", "test"):
+        for text, answer, image_id in json.loads((package_root() / split / "questions.json").read_text()):
+            by_image[f"{split}/images/{image_id}.png"].append((text, answer))
+    return by_image
+
+
+def test_counts_and_splits(prepared, rows):
+    assert prepared["image_root"] == package_root()
+    images = {(k, s): {r["image"] for r in rows[k, s]} for k in KINDS for s in SPLITS}
+    assert sum(len(rows["vqa", s]) for s in SPLITS) == 38575 + 9673  # every package question
+    assert len(rows["vqa", "test"]) == 9673
+    assert len(images["vqa", "test"]) == 1000 and len(images["vqa", "val"]) == 400
+    assert all(i.startswith("test/") for i in images["vqa", "test"])
+    for s in SPLITS:
+        assert images["mc", s] == images["vqa", s]
+        assert images["captions", s] <= images["vqa", s]
+        assert len(images["captions", s]) == len(rows["captions", s])  # one caption per image
+        assert len(rows["captions", s]) > 0.95 * len(images["vqa", s])
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not images["vqa", a] & images["vqa", b]
+
+
+def test_every_row_loads(prepared, rows):
+    for k in KINDS:
+        for s in SPLITS:
+            samples, skipped = load_conversations(prepared[f"{k}_{s}"], prepared["image_root"])
+            assert skipped == [] and len(samples) == len(rows[k, s])
+    assert samples[0].image.is_file() and samples[0].image_first
+
+
+def test_captions_match_question_answers(rows, package_questions):
+    for row in rows["captions", "test"][:50] + rows["captions", "train"][-50:]:
+        caption = row["conversations"][1]["value"].split()
+        assert caption[0] == "a" and caption[-1] in SHAPES + ("shape",)
+        for text, answer in package_questions[row["image"]]:
+            if answer in SHAPES or answer in COLORS:
+                assert answer in caption, (row["image"], text, answer, caption)
+
+
+def test_vqa_types_and_answers(rows, package_questions):
+    for row in rows["vqa", "val"]:
+        question = row["conversations"][0]["value"].removeprefix("<image>\n")
+        answer = row["conversations"][1]["value"]
+        assert (question, answer) in package_questions[row["image"]]
+        expected = "yes/no" if answer in ("yes", "no") else "shape" if answer in SHAPES else "color"
+        assert row["type"] == expected
+    assert {r["type"] for r in rows["vqa", "val"]} == {"yes/no", "shape", "color"}
+
+
+def test_multiple_choice_letter_points_at_answer(rows):
+    vqa = {r["id"]: r["conversations"][1]["value"] for r in rows["vqa", "val"]}
+    letters = defaultdict(set)
+    for row in rows["mc", "val"]:
+        options, letter, truth = row["options"], row["conversations"][1]["value"], row["answer_text"]
+        assert truth == vqa[row["id"]] and options[LETTERS.index(letter)] == truth
+        listed = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+        assert f"\nOptions: {listed}\nAnswer with the option's letter" in row["conversations"][0]["value"]
+        expected = {"yes/no": {"yes", "no"}, "shape": set(SHAPES)}.get(row["type"])
+        if expected is None:
+            assert len(set(options)) == 4 and set(options) <= set(COLORS)
+        else:
+            assert set(options) == expected and len(options) == len(expected)
+        letters[row["type"]].add(letter)
+    assert letters == {"yes/no": set("AB"), "shape": set("ABC"), "color": set("ABCD")}
+    assert multiple_choice("x-1-q2", "what color is the shape?", "red") == \
+        multiple_choice("x-1-q2", "what color is the shape?", "red")
+
+
+# ---- conversation files: validation ------------------------------------------------------
+
+def good(row_id="ok", image="a.png", value="<image>\nWhat is it?"):
+    return {"id": row_id, "image": image,
+            "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "a cat"}]}
+
+
+@pytest.fixture
+def root(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(folder / "a.png")
+    (tmp_path / "outside.png").write_bytes((folder / "a.png").read_bytes())
+    (folder / "link.png").symlink_to(tmp_path / "outside.png")
+    return folder
+
+
+def write(tmp_path, rows):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def turns(*pairs):
+    return [{"from": f, "value": v} for f, v in pairs]
+
+
+BAD_ROWS = {
+    "not an object": ("oops", "not an object"),
+    "missing field": ({"id": "bad", "image": "a.png"}, "missing field(s) conversations"),
+    "id type": ({**good(), "id": [1]}, "id must be a string or an integer"),
+    "image type": ({**good("bad"), "image": 3}, "image must be a non-empty string"),
+    "conversations type": ({**good("bad"), "conversations": "hi"}, "conversations must be"),
+    "message type": ({**good("bad"), "conversations": turns(("human", "<image>"), ("gpt", 1))},
+                     "conversations[1]"),
+    "no placeholder": (good("bad", value="What is it?"), "exactly one <image>, found 0"),
+    "two placeholders": (good("bad", value="<image><image>\nWhat?"), "exactly one <image>, found 2"),
+    "placeholder later": ({**good("bad"), "conversations": turns(
+        ("human", "<image>\nA?"), ("gpt", "a"), ("human", "<image> B?"), ("gpt", "b"))},
+        "only in the first human turn"),
+    "empty answer": ({**good("bad"), "conversations": turns(("human", "<image>\nA?"), ("gpt", " "))},
+                     "empty answer"),
+    "not alternating": ({**good("bad"), "conversations": turns(
+        ("human", "<image>\nA?"), ("human", "B?"))}, "alternate"),
+    "ends with human": ({**good("bad"), "conversations": turns(
+        ("human", "<image>\nA?"), ("gpt", "a"), ("human", "B?"))}, "alternate"),
+    "absolute path": (good("bad", image="/etc/passwd"), "absolute"),
+    "dot-dot escape": (good("bad", image="../outside.png"), "escapes the image root"),
+    "symlink escape": (good("bad", image="link.png"), "escapes the image root"),
+    "missing image": (good("bad", image="nope.png"), "missing"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_row_is_named_or_skipped(tmp_path, root, case):
+    bad, reason = BAD_ROWS[case]
+    path = write(tmp_path, [good(), bad, good("ok2")])
+    with pytest.raises(DataError) as err:
+        load_conversations(path, root)
+    message = str(err.value)
+    assert str(path) in message and "row 1" in message and reason in message
+    if isinstance(bad, dict) and bad.get("id") == "bad":
+        assert "'bad'" in message
+    samples, skipped = load_conversations(path, root, on_bad="skip")
+    assert [s.id for s in samples] == ["ok", "ok2"]
+    assert len(skipped) == 1 and reason in skipped[0]
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'[{"id": "\xff"}]', "not UTF-8"), (b'[{"id": 1,}]', "invalid JSON"),
+    (b'{"id": 1}', "expected a list of rows")])
+def test_bad_file_raises_even_with_skip(tmp_path, root, content, reason):
+    path = tmp_path / "rows.json"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=reason):
+        load_conversations(path, root, on_bad="skip")
+
+
+def test_good_rows_parse(tmp_path, root):
+    rows = [good(7, value="Describe it.\n<image>"),
+            {**good("multi"), "type": "color", "conversations": turns(
+                ("human", "<image>\nA?"), ("gpt", " red "), ("human", "B?"), ("gpt", "no"))}]
+    samples, skipped = load_conversations(write(tmp_path, rows), root)
+    first, multi = samples
+    assert skipped == [] and first.id == "7" and not first.image_first
+    assert first.turns == [("Describe it.", "a cat")] and first.image == (root / "a.png").resolve()
+    assert multi.image_first and multi.turns == [("A?", "red"), ("B?", "no")]
+    assert multi.extra == {"type": "color"}
+    assert captions(samples) == [(first.image, "a cat"), (multi.image, "red")]
+    with pytest.raises(ValueError, match="on_bad"):
+        load_conversations(write(tmp_path, rows), root, on_bad="ignore")
+
+
+# ---- images ------------------------------------------------------------------------------
+
+def rgb_pixels(path):
+    img = load_image(path)
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+def test_real_easyvqa_image():
+    img = load_image(package_root() / "test" / "images" / "0.png")
+    assert img.mode == "RGB" and img.size == (64, 64)
+
+
+def test_broken_files_name_the_file(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[:len(data) // 2])
+    (tmp_path / "noise.png").write_bytes(np.random.default_rng(1).bytes(500))
+    for name in ("truncated.png", "noise.png", "absent.png"):
+        with pytest.raises(DataError, match=name):
+            load_image(tmp_path / name)
+
+
+def test_grayscale_and_cmyk(tmp_path):
+    Image.new("L", (3, 2), 77).save(tmp_path / "gray.png")
+    assert (rgb_pixels(tmp_path / "gray.png") == 77).all()
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # pure red ink
+    r, g, b = rgb_pixels(tmp_path / "cmyk.jpg")[4, 4].astype(int)
+    assert r > 230 and g < 30 and b < 30
+
+
+def test_transparency_composites_on_white(tmp_path):
+    rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 255], [0, 0, 0, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert rgb_pixels(tmp_path / "rgba.png").tolist() == [[[255, 255, 255], [255, 0, 0], [127, 127, 127]]]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    assert rgb_pixels(tmp_path / "palette.png").tolist() == [[[255, 255, 255], [0, 255, 0]]]
+
+
+def test_sixteen_bit_is_scaled(tmp_path):
+    Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert rgb_pixels(tmp_path / "deep.png")[0].tolist() == [[0] * 3, [128] * 3, [255] * 3]
+
+
+@pytest.mark.parametrize("limit", [100, 3000])  # 64*64 = 4096 px: over 2x the limit (error), over 1x (warning)
+def test_decompression_bomb(tmp_path, monkeypatch, limit):
+    Image.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(DataError, match="bomb.png.*DecompressionBomb"):
+        load_image(tmp_path / "bomb.png")
