@@ -152,7 +152,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # clone: tied weights (one tensor, two names) would share memory, which safetensors refuses
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
