@@ -440,6 +440,17 @@ class QFormer(nn.Module):
             x = layer(x, mask, image_embeds, Q)
         return x[:, :Q] if Q else x
 
+    def query_way_requires_grad_(self, requires_grad=True):
+        """Set requires_grad on the query way only: the queries, every cross-attention and query
+        FFN (with their LayerNorms). Shared self-attention and the text way are left as they are.
+        Finds the layers through wrappers (e.g. an adapter around a layer)."""
+        self.query_tokens.requires_grad_(requires_grad)
+        for layer in (m for m in self.modules() if isinstance(m, QFormerLayer)):
+            for part in (layer.cross_attn, layer.ln_cross, layer.ffn_query, layer.ln_ffn_query):
+                if part is not None:
+                    part.requires_grad_(requires_grad)
+        return self
+
     @classmethod
     def from_pretrained(cls, name_or_path, encoder_hidden_size=None, num_query_tokens=None,
                         cross_attention_freq=None):
