@@ -389,7 +389,8 @@ class QFormerLayer(nn.Module):
 
 class QFormer(nn.Module):
     """The Q-Former of BLIP-2 / InstructBLIP. Input = LayerNorm([query_tokens; word + position
-    embeddings of the instruction]) (InstructBLIP's embeddings; BLIP-2 layer-norms the queries alone).
+    embeddings of the instruction]); with no text, LayerNorm(query_tokens) (BLIP-2's `qformer.layernorm`,
+    InstructBLIP's `qformer.embeddings.layernorm`: one LayerNorm either way).
     forward returns the query outputs (B, Q, H); with no image it is the plain BERT text encoder
     (text way only, no queries, no cross-attention), as BLIP-2 uses it for contrastive retrieval.
     `language_projection` (Linear(H, d_llm)) is loaded from BLIP-2 checkpoints for callers; it is
