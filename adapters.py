@@ -232,6 +232,8 @@ def add_mwa_to_qformer(qformer, cfg: MWAConfig) -> nn.ModuleList:
     ae_ids = ae_layer_ids(len(qformer.layers), cfg.ae_layers)
     for i, layer in enumerate(qformer.layers):
         for way in ("ffn_query", "ffn_text"):
+            if getattr(layer, way) is None:  # hub BLIP-2 files may have no text way
+                continue
             adapter = BottleneckAdapter(dim, cfg)
             setattr(layer, way, WithAdapter(getattr(layer, way), adapter))
             new.append(adapter)

@@ -1,0 +1,139 @@
+"""
+Side-by-side speed of our components vs the reference implementation (transformers), on the
+same weights, in the same process, same dtype and thread count. A benchmark, not a test.
+
+    python bench.py                # every row, fp32 and bf16
+    python bench.py --only llm --dtypes bf16
+
+Rows (each: ours ms, reference ms, ratio = reference / ours, so > 1 means we are faster):
+  llm forward         SmolLM2-135M (offline), B x T tokens, full logits
+  llm fwd+bwd frozen  weights frozen, gradients flow to inputs_embeds (what adapter training
+                      does), logits only for the last 8 positions in both implementations
+  llm decode          greedy KV-cache generation, new tokens per second (ratio = ours / ref)
+  vit forward         a CLIP ViT-B/16-shaped tower (random weights), 224 px
+  qformer forward     a BLIP-2 Q-Former (BERT-base shape, 32 queries) on ViT-B features
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeat=5, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(name, dtype, ours, ref, unit="ms", higher_is_better=False):
+    ratio = ours / ref if higher_is_better else ref / ours
+    scale = 1 if higher_is_better else 1000
+    print(f"| {name:<22} | {dtype:<5} | {ours * scale:10.1f} | {ref * scale:10.1f} | {unit:<5} | "
+          f"{ratio:5.2f}x |", flush=True)
+
+
+def bench_llm(dtype, batch, seq):
+    import transformers
+    from data.assets import smollm2_folder
+    from model import LLM
+    folder = smollm2_folder()
+    ours = LLM.from_pretrained(folder, dtype=dtype)
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    ref.requires_grad_(False)
+    name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+    idx = torch.randint(0, ours.config.vocab_size, (batch, seq))
+    with torch.no_grad():
+        report(f"llm forward {batch}x{seq}", name, timed(lambda: ours(idx)),
+               timed(lambda: ref(idx).logits))
+
+    last = torch.zeros(batch, seq, dtype=torch.bool)
+    last[:, -8:] = True
+
+    def ours_step():
+        x = ours.embed(idx).detach().requires_grad_(True)
+        ours(inputs_embeds=x, logits_at=last).float().logsumexp(-1).mean().backward()
+
+    def ref_step():
+        x = ref.model.embed_tokens(idx).detach().requires_grad_(True)
+        ref(inputs_embeds=x, logits_to_keep=8).logits.float().logsumexp(-1).mean().backward()
+
+    report(f"llm fwd+bwd frozen {batch}x{seq}", name, timed(ours_step, 3, 1), timed(ref_step, 3, 1))
+
+    prompt, new = idx[:1, :32], 64
+    ours_s = timed(lambda: ours.generate(prompt, max_new_tokens=new), 3, 1)
+    ref_s = timed(lambda: ref.generate(prompt, max_new_tokens=new, min_new_tokens=new,
+                                       do_sample=False, pad_token_id=0), 3, 1)
+    report("llm decode (tok/s)", name, new / ours_s, new / ref_s, "tok/s", higher_is_better=True)
+
+
+def bench_vit(dtype, batch):
+    import transformers
+    from vit import ViT
+    cfg = transformers.CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, image_size=224, patch_size=16)
+    ref = transformers.CLIPVisionModel(cfg).eval().to(dtype)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = ViT.from_pretrained(d, dtype=dtype).eval()
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    x = torch.randn(batch, 3, 224, 224, dtype=dtype)
+    with torch.no_grad():
+        report(f"vit forward B={batch}", name, timed(lambda: ours(x, select_layer=-1), 3, 1),
+               timed(lambda: ref(pixel_values=x).last_hidden_state, 3, 1))
+
+
+def bench_qformer(dtype, batch):
+    import tempfile
+    import transformers
+    from qformer import QFormer
+    qcfg = transformers.Blip2QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                           intermediate_size=3072, encoder_hidden_size=768)
+    cfg = transformers.Blip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=32, patch_size=16),
+                                   qformer_config=qcfg.to_dict(),
+                                   text_config=dict(model_type="opt", vocab_size=64, hidden_size=32,
+                                                    num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                                                    word_embed_proj_dim=32), num_query_tokens=32)
+    full = transformers.Blip2Model(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        full.save_pretrained(d)
+        ours = QFormer.from_pretrained(d).to(dtype).eval()
+    ref = full.qformer.to(dtype)
+    queries = full.query_tokens.to(dtype)
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    feats = torch.randn(batch, 197, 768, dtype=dtype)
+    with torch.no_grad():
+        report(f"qformer forward B={batch}", name, timed(lambda: ours(feats), 3, 1),
+               timed(lambda: ref(query_embeds=queries.expand(batch, -1, -1),
+                                 encoder_hidden_states=feats).last_hidden_state, 3, 1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["llm", "vit", "qformer"], action="append")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    args = p.parse_args()
+    rows = args.only or ["llm", "vit", "qformer"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| row | dtype | ours | reference | unit | ratio |\n|---|---|---|---|---|---|")
+    for name in args.dtypes:
+        dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        if "llm" in rows:
+            bench_llm(dtype, args.batch, args.seq)
+        if "vit" in rows:
+            bench_vit(dtype, args.batch)
+        if "qformer" in rows:
+            bench_qformer(dtype, args.batch)
+
+
+if __name__ == "__main__":
+    main()

