@@ -159,13 +159,12 @@ class VLM(nn.Module):
         """pixels (B, 3, H, W) -> the visual tokens spliced into the LLM input (B, Nv, d)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trains()):
             feats = self.vision(pixels, select_layer=self.cfg.select_layer)  # (B, Np(+1), Dv)
-        if self.vision.config.class_token:
-            feats = feats[:, 1:]                                             # (B, Np, Dv)
-        image = self.projector(feats)                                        # (B, Ni, d)
+        patches = feats[:, 1:] if self.vision.config.class_token else feats  # (B, Np, Dv)
+        image = self.projector(patches)                                      # (B, Ni, d)
         if self.cfg.adapter != "crome":
             return image
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.qformer_trains()):
-            normed = self.vision.post_layernorm(feats)
+            normed = self.vision.post_layernorm(feats)  # all tokens, as BLIP-2 feeds them
             queries = self.qformer(normed, instr_ids, instr_mask)            # (B, Q, Hq)
         image, text = self.adapter(image, self.qformer_proj(queries))
         return torch.cat([image, text], dim=1)                               # (B, Ni+Q, d)
