@@ -1,0 +1,416 @@
+"""
+The vision tower: a ViT (Dosovitskiy et al. 2021) covering the two towers these adapters sit on,
+CLIP's (Radford et al. 2021) and SigLIP's (Zhai et al. 2023), plus their image preprocessing.
+
+- CLIP: patch conv without bias, a class token, learned positions, a LayerNorm before the
+  blocks (the hub's `pre_layrnorm`, sic), pre-norm blocks with QuickGELU, a final LayerNorm.
+- SigLIP: patch conv with bias, no class token, no pre-LayerNorm, tanh-GELU. Its attention-
+  pooling head (`head.*`) is not built: the adapters read patch tokens, never SigLIP's pooled output.
+
+LLaVA and IAA feed the LLM the second-to-last layer with the class token dropped:
+`vit(pixels, select_layer=-2, drop_cls=True)`. Layer indexing is transformers'
+`hidden_states` (0 = embeddings, after the pre-LayerNorm for CLIP; -1 = last block, before the
+final LayerNorm), and only the blocks up to the selected one run.
+
+Ours: q/k/v are fused into one matmul (the loader concatenates the hub's three tensors and
+save_pretrained splits them back), and attention goes through F.scaled_dot_product_attention.
+Matches transformers' CLIPVisionModel / SiglipVisionModel in fp32 (the tests allow 1e-4;
+on CPU here the outputs came out bitwise equal).
+"""
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from checkpoint import (CheckpointError, load_strict, read_config, read_state_dict, remap,
+                        resolve_checkpoint, save_json, save_safetensors)
+
+# What each family's tower looks like; a ViTConfig field left None takes its family's value.
+FAMILIES = {
+    "clip": dict(layer_norm_eps=1e-5, hidden_act="quick_gelu", class_token=True, pre_norm=True,
+                 patch_bias=False),
+    "siglip": dict(layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", class_token=False,
+                   pre_norm=False, patch_bias=True),
+}
+# transformers' config defaults for fields a hub config.json may leave out.
+HUB_DEFAULTS = {
+    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, image_size=224, patch_size=32, num_channels=3),
+    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, image_size=224, patch_size=16, num_channels=3),
+}
+MODEL_TYPES = {"clip_vision_model": "clip", "clip": "clip",
+               "siglip_vision_model": "siglip", "siglip": "siglip"}
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+# Tensors of hub checkpoints that are not part of the vision tower; see ViT.from_pretrained.
+SKIPPED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale",
+                    "logit_bias")
+
+
+@dataclass
+class ViTConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    family: str = "clip"               # "clip" or "siglip": sets the defaults of the fields below
+    layer_norm_eps: float | None = None
+    hidden_act: str | None = None      # "quick_gelu" (CLIP), "gelu_pytorch_tanh" (SigLIP), "gelu"
+    class_token: bool | None = None
+    pre_norm: bool | None = None       # CLIP's pre_layrnorm
+    patch_bias: bool | None = None     # CLIP's patch conv has no bias, SigLIP's has
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown ViT family {self.family!r}: choose one of {', '.join(FAMILIES)}")
+        for name, value in FAMILIES[self.family].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ViTConfig":
+        """A CLIPVisionConfig / SiglipVisionConfig dict, or a full CLIP / SigLIP (or LLaVA-style)
+        config.json whose `vision_config` holds them. Fields it leaves out take transformers' defaults."""
+        vision = hf.get("vision_config", hf)
+        model_type = vision.get("model_type", hf.get("model_type"))
+        if model_type not in MODEL_TYPES:
+            raise CheckpointError(f"unsupported vision model_type {model_type!r}: "
+                                  f"expected one of {', '.join(MODEL_TYPES)}")
+        family = MODEL_TYPES[model_type]
+        values = {**HUB_DEFAULTS[family], **FAMILIES[family]}
+        names = {f.name for f in fields(cls)} - {"family"}
+        values.update({k: vision[k] for k in names if vision.get(k) is not None})
+        return cls(family=family, **values)
+
+    def to_hf(self) -> dict:
+        """CLIPVisionConfig / SiglipVisionConfig style. class_token, pre_norm and patch_bias are
+        written too (transformers ignores them and builds its family's layout)."""
+        hf = {k: v for k, v in asdict(self).items() if k != "family"}
+        if self.family == "clip":
+            return {**hf, "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"]}
+        return {**hf, "model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"],
+                "vision_use_head": False}
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.n_head = c.num_attention_heads
+        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x):                                                  # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)                        # (B, H, N, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.act = ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x = x + Attn(LN1(x)); x = x + MLP(LN2(x))."""
+
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.attn = Attention(c)
+        self.ln2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT(nn.Module):
+    """CLIP / SigLIP vision tower (see the module docstring). A fresh ViT(cfg) is initialised as
+    OpenAI CLIP / transformers' CLIP _init_weights do; the project trains such a tower offline."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        c = self.config = config
+        D, n_pos = c.hidden_size, c.grid ** 2 + c.class_token
+        self.patch_embed = nn.Conv2d(c.num_channels, D, c.patch_size, c.patch_size, bias=c.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(D)) if c.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(n_pos, D))
+        self.pre_layernorm = nn.LayerNorm(D, eps=c.layer_norm_eps) if c.pre_norm else None
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(D, eps=c.layer_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        D, L = self.config.hidden_size, self.config.num_hidden_layers
+        nn.init.normal_(self.patch_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=D ** -0.5)
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Conv2d) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=D ** -0.5 * (2 * L) ** -0.5)
+            nn.init.normal_(block.attn.proj.weight, std=D ** -0.5)
+            nn.init.normal_(block.mlp.fc1.weight, std=(2 * D) ** -0.5)
+            nn.init.normal_(block.mlp.fc2.weight, std=D ** -0.5 * (2 * L) ** -0.5)
+
+    def positions(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings for an h x w patch grid (N(+1), D): the learned ones, or (another
+        image size) bicubically resized as transformers' interpolate_pos_encoding does."""
+        n_cls, g = int(self.config.class_token), self.config.grid
+        if (h, w) == (g, g):
+            return self.pos_embed
+        cls, grid = self.pos_embed[:n_cls], self.pos_embed[n_cls:]         # (1|0, D), (g*g, D)
+        grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)                # (1, D, g, g)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        grid = grid.to(cls.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)   # (h*w, D)
+        return torch.cat([cls, grid])
+
+    def embed(self, pixel_values):
+        """(B, C, H, W) -> hidden_states[0] (B, N(+1), D)."""
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, h, w)
+        B, D, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)                                   # (B, h*w, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(B, 1, D), x], dim=1)      # (B, 1+h*w, D)
+        x = x + self.positions(h, w)
+        return self.pre_layernorm(x) if self.pre_layernorm is not None else x
+
+    def forward(self, pixel_values, select_layer: int = -1, drop_cls: bool = False):
+        """pixel_values (B, C, H, W) -> transformers' hidden_states[select_layer] (B, N, D); with
+        drop_cls, the patch tokens only (a no-op for towers without a class token)."""
+        n_states = self.config.num_hidden_layers + 1
+        if not -n_states <= select_layer < n_states:
+            raise IndexError(f"select_layer {select_layer} out of range for {n_states} hidden states")
+        x = self.embed(pixel_values)
+        for block in self.blocks[:select_layer % n_states]:
+            x = block(x)
+        return x[:, 1:] if drop_cls and self.config.class_token else x
+
+    def pooled(self, pixel_values):
+        """CLIP's pooled image feature (B, D): post_layernorm of the last layer's class token,
+        transformers' pooler_output (before visual_projection)."""
+        if not self.config.class_token:
+            raise ValueError("pooled() needs a class token; SigLIP pools with its attention head, "
+                             "which this ViT does not build")
+        return self.post_layernorm(self(pixel_values)[:, 0])
+
+    # ------------------------------------------------------------- hub checkpoints
+
+    def hub_names(self) -> dict:
+        """our key -> hub key (CLIPVisionModel / SiglipVisionModel names, no prefix), or
+        our key -> [q, k, v] hub keys for the fused attention input."""
+        c = self.config
+        names = {"patch_embed.weight": "embeddings.patch_embedding.weight",
+                 "pos_embed": "embeddings.position_embedding.weight",
+                 "post_layernorm.weight": "post_layernorm.weight",
+                 "post_layernorm.bias": "post_layernorm.bias"}
+        if c.patch_bias:
+            names["patch_embed.bias"] = "embeddings.patch_embedding.bias"
+        if c.class_token:
+            names["cls_token"] = "embeddings.class_embedding"
+        if c.pre_norm:
+            names.update({f"pre_layernorm.{p}": f"pre_layrnorm.{p}" for p in ("weight", "bias")})
+        for i in range(c.num_hidden_layers):
+            ours, hub = f"blocks.{i}.", f"encoder.layers.{i}."
+            for p in ("weight", "bias"):
+                names[ours + f"attn.qkv.{p}"] = [hub + f"self_attn.{n}_proj.{p}" for n in "qkv"]
+                for a, b in (("attn.proj", "self_attn.out_proj"), ("ln1", "layer_norm1"),
+                             ("ln2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                    names[ours + f"{a}.{p}"] = hub + f"{b}.{p}"
+        return names
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, device=None) -> "ViT":
+        """A local folder or hub repo id holding config.json + safetensors, in any of:
+        - CLIPVisionModel / SiglipVisionModel as transformers 5.x saves them (keys without prefix);
+        - the same with the `vision_model.` prefix (hub files, older transformers);
+        - a full CLIPModel / SiglipModel (vision tower under `vision_model.`).
+        Skipped by rule: the text tower and heads (`text_model.*`, `text_projection`,
+        `visual_projection`, `logit_scale`, `logit_bias`), SigLIP's attention-pooling head
+        (`head.*`), and `position_ids` buffers. Any other extra, missing or misshaped tensor is a
+        CheckpointError. Returned in eval mode."""
+        folder = resolve_checkpoint(name_or_path)
+        config = ViTConfig.from_hf(read_config(folder))
+        hub = read_state_dict(folder)
+        prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in hub else ""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device or "cpu")
+
+        def skipped(key):
+            inner = key.removeprefix(prefix)
+            return (key.startswith(SKIPPED_PREFIXES) or inner == "embeddings.position_ids"
+                    or (config.family == "siglip" and inner.startswith("head.")))
+
+        mapping = {}
+        for ours, hub_key in model.hub_names().items():
+            fused = isinstance(hub_key, list)  # q, k, v -> one (3D, D) tensor
+            mapping[ours] = ([prefix + k for k in hub_key], _cat) if fused else prefix + hub_key
+        load_strict(model, remap(hub, mapping, ignore=skipped, source=str(folder)), source=str(folder))
+        return model.to(dtype=dtype).eval()
+
+    def save_pretrained(self, folder):
+        """config.json + model.safetensors in the hub's CLIPVisionModel / SiglipVisionModel layout
+        (`vision_model.` prefix, separate q/k/v), loadable by from_pretrained and transformers."""
+        state, hub = self.state_dict(), {}
+        for ours, hub_key in self.hub_names().items():
+            if isinstance(hub_key, list):
+                hub.update(zip(hub_key, state[ours].chunk(3)))
+            else:
+                hub[hub_key] = state[ours]
+        save_safetensors({"vision_model." + k: v for k, v in hub.items()},
+                         Path(folder) / "model.safetensors", metadata={"format": "pt"})
+        save_json(self.config.to_hf(), Path(folder) / "config.json")
+
+
+def _cat(*tensors):
+    return torch.cat(tensors)
+
+
+# ----------------------------------------------------------------- preprocessing
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (as transformers' processors do)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def pad_to_square(image: Image.Image, fill) -> Image.Image:
+    """LLaVA's expand2square: paste the image centred on a square of colour `fill` (an RGB tuple
+    of ints; LLaVA uses the processor's mean colour)."""
+    w, h = image.size
+    if w == h:
+        return image
+    square = Image.new(image.mode, (max(w, h), max(w, h)), tuple(fill))
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
+@dataclass
+class ImageProcessor:
+    """CLIP / SigLIP preprocessing, equal to transformers' CLIPImageProcessor /
+    SiglipImageProcessor (PIL backend). mode "clip": resize the shortest side to `size`
+    (bicubic, long side int(size * long / short)), centre crop `crop_size`; mode "siglip": resize to
+    size x size. Then x / 255 and (x - mean) / std per channel. pad_to_square (LLaVA's
+    image_aspect_ratio="pad") first pads to a square of the mean colour."""
+    size: int = 224
+    crop_size: int = 224
+    resample: int = Image.Resampling.BICUBIC
+    mean: tuple = OPENAI_CLIP_MEAN
+    std: tuple = OPENAI_CLIP_STD
+    mode: str = "clip"
+    pad_to_square: bool = False
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self):
+        if self.mode not in ("clip", "siglip"):
+            raise ValueError(f"unknown preprocessing mode {self.mode!r}: choose clip or siglip")
+        if self.mode == "clip" and self.crop_size > self.size:
+            raise ValueError(f"crop_size {self.crop_size} larger than the resized short side {self.size}")
+
+    @classmethod
+    def clip(cls, image_size: int, **kw) -> "ImageProcessor":
+        return cls(size=image_size, crop_size=image_size, **kw)
+
+    @classmethod
+    def siglip(cls, image_size: int, **kw) -> "ImageProcessor":
+        return cls(size=image_size, crop_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3,
+                   mode="siglip", **kw)
+
+    @classmethod
+    def from_hf(cls, hf: dict, pad_to_square: bool | None = None) -> "ImageProcessor":
+        """A preprocessor_config.json dict (CLIP: size {"shortest_edge"} or an int, crop_size;
+        SigLIP: size {"height", "width"}). Steps it switches off that we always run are errors."""
+        kind = hf.get("image_processor_type", hf.get("feature_extractor_type", ""))
+        size = hf.get("size", 224)
+        mode = "siglip" if kind.startswith("Siglip") or (isinstance(size, dict) and "height" in size) else "clip"
+        expected = dict(do_resize=True, do_rescale=True, do_normalize=True, do_center_crop=mode == "clip")
+        for flag, value in expected.items():
+            if hf.get(flag, value) != value:
+                raise ValueError(f"unsupported preprocessor config: {flag}={hf[flag]} ({mode} mode)")
+        size = _square_size(size)
+        pad = hf.get("pad_to_square", False) if pad_to_square is None else pad_to_square
+        return cls(size=size, crop_size=_square_size(hf.get("crop_size", size)),
+                   resample=hf.get("resample", Image.Resampling.BICUBIC),
+                   mean=tuple(hf.get("image_mean", OPENAI_CLIP_MEAN)),
+                   std=tuple(hf.get("image_std", OPENAI_CLIP_STD)), mode=mode, pad_to_square=pad,
+                   rescale_factor=hf.get("rescale_factor", 1 / 255))
+
+    def to_hf(self) -> dict:
+        clip = self.mode == "clip"
+        hf = dict(image_processor_type="CLIPImageProcessor" if clip else "SiglipImageProcessor",
+                  do_resize=True, do_center_crop=clip, do_rescale=True, do_normalize=True,
+                  do_convert_rgb=True, resample=int(self.resample), rescale_factor=self.rescale_factor,
+                  image_mean=list(self.mean), image_std=list(self.std), pad_to_square=self.pad_to_square,
+                  size={"shortest_edge": self.size} if clip else {"height": self.size, "width": self.size})
+        if clip:
+            hf["crop_size"] = {"height": self.crop_size, "width": self.crop_size}
+        return hf
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        if self.mode == "siglip":
+            return image.resize((self.size, self.size), resample=self.resample)
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        long = int(self.size * long / short)
+        image = image.resize((self.size, long) if w <= h else (long, self.size), resample=self.resample)
+        top, left = (image.height - self.crop_size) // 2, (image.width - self.crop_size) // 2
+        return image.crop((left, top, left + self.crop_size, top + self.crop_size))
+
+    def __call__(self, images: list) -> torch.Tensor:
+        """list of PIL images -> (B, 3, crop, crop) float32."""
+        mean, std = np.array(self.mean, np.float32), np.array(self.std, np.float32)
+        out = []
+        for image in images:
+            image = to_rgb(image)
+            if self.pad_to_square:
+                image = pad_to_square(image, tuple(int(m * 255) for m in self.mean))
+            x = np.asarray(self.resize(image)).astype(np.float64) * self.rescale_factor
+            out.append((x.astype(np.float32) - mean) / std)                # (H, W, 3)
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+
+
+def _square_size(size) -> int:
+    """An int, or a size dict of one square side ({"shortest_edge"} or equal height and width)."""
+    if isinstance(size, int):
+        return size
+    if "shortest_edge" in size:
+        return size["shortest_edge"]
+    if size.get("height") != size.get("width"):
+        raise ValueError(f"only square sizes are supported, got {size}")
+    return size["height"]
