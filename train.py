@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 0         # 0 = only at the end
+    save_every: int = 100       # checkpoint period in steps (0 = only at the end)
     val_samples: int = 300
     seed: int = 1337
     on_bad_sample: str = "error"  # error | skip
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
             model.train()
             env.log(f"validation after step {step + 1}: " + json.dumps(result))
             env.append_jsonl(metrics_file, {"step": step, "val": result})
-        if last or stop.requested:
+        if last or stop.requested or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             save_training_state(out, cfg, task, opt, step + 1, env)
         if stop.requested:
             env.log(f"{stop.requested}: saved a checkpoint at step {step + 1} in {out}; "
