@@ -1,0 +1,393 @@
+"""train.py end to end on tiny backbones in the hub layouts (tests/tiny.py) and slices of the real
+easy-vqa files: every design through stages 1 -> 2 -> 3, stage 0's hub-layout outputs, exact
+resume after SIGKILL and after SIGTERM (real subprocesses), DDP (torchrun, gloo) against gradient
+accumulation, label masking on real rows with the real SmolLM2 tokenizer, and the flag parser.
+
+Every run passes --num-threads 1: on a shared 2-core machine torch's default thread pool
+oversubscribes the cores and a tiny step takes ~20x longer."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+import train
+from data.assets import smollm2_folder
+from data.collate import encode_example, pad_batch
+from data.dataset import load_conversations
+from qformer import QFormer, WordPieceTokenizer
+from stages import VisionPretraining
+from tokenizer import load_tokenizer
+from vit import ImageProcessor, ViT
+from vlm import DESIGNS, TRAINABLE, saved_components
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_DATA = {1: "captions", 2: "vqa", 3: "mc"}
+RUN_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json",
+             "metrics.jsonl", "loss.png")
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("assets")
+    return {**tiny.write_backbones(base), "data": tiny.easyvqa_slices(base / "data", n=48)}
+
+
+def flags(assets, out_dir, stage=1, adapter="crome", steps=2, *extra, batch_size=4, dtype="fp32"):
+    data = assets["data"]
+    kind = STAGE_DATA[stage]
+    return ["--stage", str(stage), "--adapter", adapter, "--llm", str(assets["llm"]),
+            "--vision", str(assets["vision"]), "--qformer", str(assets["qformer"]),
+            "--data", str(data[f"{kind}_train"]), "--val-data", str(data[f"{kind}_val"]),
+            "--image-root", str(data["image_root"]), "--out-dir", str(out_dir),
+            "--steps", str(steps), "--batch-size", str(batch_size), "--val-samples", "4",
+            "--log-every", "1", "--dtype", dtype, "--lr", str(LR), "--num-threads", "1", *extra]
+
+
+@pytest.fixture
+def main():
+    """train.main in this process; afterwards the signal handlers and thread count it set are
+    put back, so pytest's own Ctrl-C handling keeps working."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    yield train.main
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    torch.set_num_threads(threads)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged loss; a step logged twice (re-run after a resume) keeps its last record."""
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model.safetensors")
+
+
+def assert_same_tensors(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.allclose(a[k], b[k], rtol=0, atol=atol)]
+    assert not bad, f"{len(bad)} tensors differ beyond {atol}, e.g. {bad[:4]}: max |diff| " \
+                    f"{max((a[k] - b[k]).abs().max().item() for k in bad):.3g}"
+
+
+def check_run_dir(run_dir: Path, design: str, stage: int, steps: int):
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), f"{run_dir}: {name} missing"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["train"]["adapter"], config["train"]["stage"]) == (design, stage)
+    assert config["vlm"]["adapter"] == design
+    assert json.loads((run_dir / "trainer_state.json").read_text())["step"] == steps
+    rows = records(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(steps))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert any("val" in r and r["val"]["n"] == 4 for r in rows)
+    state = weights(run_dir)
+    assert {k.split(".", 1)[0] for k in state} == set(saved_components(design, stage))
+    assert not [k for k in state if k.startswith(("llm.", "vision."))]
+    return state
+
+
+# ----------------------------------------------------------------------------- stages 1 -> 2 -> 3
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_stages_chain_and_hand_over_weights(assets, tmp_path, design, main, capsys):
+    steps = 2
+    saved = {}
+    for stage in (1, 2, 3):
+        main(flags(assets, tmp_path, stage, design, steps))
+        run_dir = tmp_path / design / f"stage{stage}"
+        saved[stage] = check_run_dir(run_dir, design, stage, steps)
+        log = capsys.readouterr().out
+        if stage > 1:
+            previous = tmp_path / design / f"stage{stage - 1}" / "model.safetensors"
+            assert f"from {previous}" in log, log
+    # stage 2 trains every stage-1 component: it starts from stage 1's weights, so after two
+    # AdamW steps (each moves a weight by about lr) it is close to them, but not equal
+    for k, v in saved[1].items():
+        assert (saved[2][k] - v).abs().max() <= 3 * steps * LR, k
+    assert any(not torch.equal(saved[2][k], v) for k, v in saved[1].items())
+    # stage 3 trains only the adapter; everything else it saves is stage 2's, bit for bit
+    assert TRAINABLE[design][3] == ("adapter",)
+    assert_same_tensors({k: v for k, v in saved[3].items() if not k.startswith("adapter.")},
+                        {k: v for k, v in saved[2].items() if not k.startswith("adapter.")})
+    assert any(not torch.equal(saved[3][k], saved[2][k]) for k in saved[3] if k.startswith("adapter."))
+
+
+def test_stage3_without_stage2_exits_clearly(assets, tmp_path, main):
+    with pytest.raises(SystemExit, match="stage 3 fine-tunes a stage-2 model: no checkpoint"):
+        main(flags(assets, tmp_path, 3, "iaa"))
+    assert not (tmp_path / "iaa" / "stage3" / "model.safetensors").exists()
+
+
+def test_bf16_run_keeps_trainable_weights_in_fp32(assets, tmp_path, main, capsys):
+    main(flags(assets, tmp_path, 2, "iaa", 2, dtype="bf16"))
+    assert "starting from fresh adapters" in capsys.readouterr().out  # no stage-1 run there
+    state = check_run_dir(tmp_path / "iaa" / "stage2", "iaa", 2, 2)
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    config = json.loads((tmp_path / "iaa" / "stage2" / "config.json").read_text())
+    assert config["train"]["dtype"] == "bf16"
+
+
+# ----------------------------------------------------------------------------- stage 0
+
+
+def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
+    data = assets["data"]
+    cfg = train.parse_args(["--stage", "0", "--steps", "2", "--batch-size", "4", "--val-samples", "8",
+                            "--out-dir", str(tmp_path), "--dtype", "fp32", "--num-threads", "1",
+                            "--data", str(data["captions_train"]), "--val-data", str(data["captions_val"]),
+                            "--image-root", str(data["image_root"]), "--log-every", "1"])
+    env = train.Env(cfg)
+    task = VisionPretraining(cfg, env)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    train.train(cfg, task, env)
+    out = tmp_path / "stage0"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert (out / "vision" / name).is_file()
+    for name in ("config.json", "model.safetensors", "vocab.txt"):
+        assert (out / "qformer" / name).is_file()
+
+    vision = ViT.from_pretrained(out / "vision")
+    assert_same_tensors(vision.state_dict(), task.model.vision.state_dict())
+    qformer = QFormer.from_pretrained(out / "qformer")
+    assert_same_tensors(qformer.state_dict(), task.model.qformer.state_dict())
+    assert ImageProcessor.from_hf(json.loads((out / "vision" / "preprocessor_config.json").read_text())) \
+        == task.processor
+    assert WordPieceTokenizer.from_pretrained(out / "qformer").encode("a red circle") \
+        == task.wordpiece.encode("a red circle")
+
+    # what trained moved and is in the run's checkpoint; the MiniLM text way stayed frozen
+    after = task.model.state_dict()
+    trainable = set(task.trainable_keys())
+    assert set(weights(out)) == trainable
+    assert all(not torch.equal(after[k], before[k]) for k in trainable if k.startswith("vision."))
+    assert not torch.equal(after["qformer.query_tokens"], before["qformer.query_tokens"])
+    frozen = [k for k in after if k not in trainable]
+    assert "qformer.word_embeddings.weight" in frozen
+    assert all(torch.equal(after[k], before[k]) for k in frozen)
+    rows = records(out)
+    assert [r["step"] for r in rows if "loss" in r] == [0, 1]
+    assert [r["val"]["n"] for r in rows if "val" in r] == [8]
+
+
+# ----------------------------------------------------------------------------- resume
+
+# train.py in a subprocess that sends itself a real signal as step `at` begins (so where the run
+# stops does not depend on timing): SIGKILL is a crash, SIGTERM a polite stop.
+SIGNAL_AT_STEP = """\
+import os, signal, sys
+import train
+at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
+def lr_factor(step, steps, warmup, original=train.lr_factor):
+    if step == at:
+        os.kill(os.getpid(), sig)
+    return original(step, steps, warmup)
+train.lr_factor = lr_factor
+train.main(sys.argv[3:])
+"""
+
+
+def run_until_signal(args, at, sig):
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(at), sig, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("design", ["crome", "mwa"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(assets, tmp_path, design, main, capsys):
+    """Stage 2 (CROME's Q-Former and MWA's adapters train with dropout: the RNG state must be
+    restored too). B saves every 3 steps and is killed as step 4 begins, after logging step 3."""
+    main(flags(assets, tmp_path / "a", 2, design, 6, "--save-every", "0"))
+    b = flags(assets, tmp_path / "b", 2, design, 6, "--save-every", "3")
+    crashed = run_until_signal(b, 4, "SIGKILL")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    run_a, run_b = tmp_path / "a" / design / "stage2", tmp_path / "b" / design / "stage2"
+    assert json.loads((run_b / "trainer_state.json").read_text())["step"] == 3
+    assert sorted(losses(run_b)) == [0, 1, 2, 3]
+    assert not (run_b / "loss.png").exists()
+
+    capsys.readouterr()
+    main(b + ["--resume"])
+    assert f"resumed {run_b} at step 3" in capsys.readouterr().out
+    assert losses(run_b) == losses(run_a)
+    assert_same_tensors(weights(run_b), weights(run_a))
+    assert_same_tensors(load_file(run_b / "optimizer.safetensors"),
+                        load_file(run_a / "optimizer.safetensors"))
+
+
+def test_sigterm_saves_exits_130_and_resumes_exactly(assets, tmp_path, main, capsys):
+    main(flags(assets, tmp_path / "a", 2, "iaa", 6, "--save-every", "0"))
+    b = flags(assets, tmp_path / "b", 2, "iaa", 6, "--save-every", "0")
+    stopped = run_until_signal(b, 1, "SIGTERM")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    run_a, run_b = tmp_path / "a" / "iaa" / "stage2", tmp_path / "b" / "iaa" / "stage2"
+    assert "SIGTERM: saved a checkpoint at step 2" in stopped.stdout
+    assert json.loads((run_b / "trainer_state.json").read_text())["step"] == 2
+    assert sorted(losses(run_b)) == [0, 1]
+
+    capsys.readouterr()
+    main(b + ["--resume"])
+    assert f"resumed {run_b} at step 2" in capsys.readouterr().out
+    assert losses(run_b) == losses(run_a)
+    assert_same_tensors(weights(run_b), weights(run_a))
+
+
+def test_resume_refuses_another_design_or_an_empty_dir(assets, tmp_path, main):
+    main(flags(assets, tmp_path, 1, "iaa", 2))
+    os.rename(tmp_path / "iaa", tmp_path / "mwa")
+    with pytest.raises(train.CheckpointError, match="holds iaa stage 1, not mwa stage 1"):
+        main(flags(assets, tmp_path, 1, "mwa", 2, "--resume"))
+    with pytest.raises(train.CheckpointError, match="no checkpoint in"):
+        main(flags(assets, tmp_path, 1, "crome", 2, "--resume"))
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(assets, tmp_path, main):
+    """torchrun, 2 CPU processes (gloo) x batch 2 vs 1 process x batch 2 x 2 accumulation: the
+    same global batches (train.batch_indices), so the same losses and weights."""
+    steps = 3
+    ddp_args = flags(assets, tmp_path / "ddp", 1, "crome", steps, "--grad-accum", "1", batch_size=2)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "train.py", *ddp_args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "global batch 4 = 2 per device x 1 accumulation x 2 processes" in done.stdout
+
+    main(flags(assets, tmp_path / "one", 1, "crome", steps, "--grad-accum", "2", batch_size=2))
+    run_ddp, run_one = tmp_path / "ddp" / "crome" / "stage1", tmp_path / "one" / "crome" / "stage1"
+    a, b = losses(run_ddp), losses(run_one)
+    assert sorted(a) == sorted(b) == list(range(steps))
+    assert all(abs(a[s] - b[s]) <= 1e-5 + 1e-9 for s in a), (a, b)  # logged rounded to 5 decimals
+    assert_same_tensors(weights(run_ddp), weights(run_one), atol=1e-5)
+    assert len(records(run_ddp)) == steps + 1  # only rank 0 writes: one line per step + validation
+
+
+# ----------------------------------------------------------------------------- labels on real rows
+
+SYSTEM = "Answer the question about the image in a word or two."
+N_VISUAL = 8
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_tokenizer(smollm2_folder())
+
+
+@pytest.fixture(scope="module")
+def vqa_rows(assets):
+    samples, _ = load_conversations(assets["data"]["vqa_train"], assets["data"]["image_root"])
+    return samples[:12]
+
+
+def test_labels_cover_only_the_answer_and_end_of_turn(smollm2, vqa_rows):
+    end = smollm2.token_id("<|im_end|>")
+    assert smollm2.stop_ids[0] == end
+    for sample in vqa_rows:
+        question, answer = sample.turns[0]
+        e = encode_example(smollm2, SYSTEM, question, answer, N_VISUAL)
+        assert len(e.input_ids) == len(e.image_mask) == len(e.labels)
+        labelled = [i for i, label in enumerate(e.labels) if label != -100]
+        n_answer = len(smollm2.encode(answer)) + 1
+        assert labelled == list(range(len(e.labels) - n_answer, len(e.labels)))  # the tail only
+        assert [e.input_ids[i] for i in labelled] == [e.labels[i] for i in labelled]
+        assert e.labels[-1] == end
+        assert smollm2.decode([e.labels[i] for i in labelled]) == answer + "<|im_end|>"
+
+        ones = [i for i, m in enumerate(e.image_mask) if m]
+        assert len(ones) == N_VISUAL and ones == list(range(ones[0], ones[0] + N_VISUAL))
+        head = smollm2.decode(e.input_ids[:ones[0]])
+        assert head == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+        assert all(e.input_ids[i] == 0 for i in ones)
+        rest = smollm2.decode(e.input_ids[ones[-1] + 1:labelled[0]])
+        assert rest == f"\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+        prompt = encode_example(smollm2, SYSTEM, question, None, N_VISUAL)
+        assert prompt.input_ids == e.input_ids[:labelled[0]] and set(prompt.labels) == {-100}
+
+
+def test_truncation_cuts_the_question_never_the_answer(smollm2, vqa_rows):
+    question, answer = vqa_rows[0].turns[0]
+    full = encode_example(smollm2, SYSTEM, question, answer, N_VISUAL)
+    n_question = len(smollm2.encode("\n" + question))
+    fixed = len(full.input_ids) - n_question  # markup + image + answer + end
+    for keep in (n_question - 1, 3, 1):
+        cut = encode_example(smollm2, SYSTEM, question, answer, N_VISUAL, max_len=fixed + keep)
+        assert len(cut.input_ids) == fixed + keep
+        n_label = sum(label != -100 for label in cut.labels)
+        assert cut.labels[-n_label:] == full.labels[-n_label:]
+        assert smollm2.decode(cut.labels[-n_label:]) == answer + "<|im_end|>"
+        assert cut.image_mask == full.image_mask[:len(cut.image_mask)]
+        assert cut.input_ids[-n_label - 5:] == full.input_ids[-n_label - 5:]  # header + answer kept
+    assert encode_example(smollm2, SYSTEM, question, answer, N_VISUAL, max_len=fixed + n_question) == full
+    for impossible in (fixed - 1, 3):
+        with pytest.raises(ValueError, match="do not fit in max_len"):
+            encode_example(smollm2, SYSTEM, question, answer, N_VISUAL, max_len=impossible)
+
+
+def test_pad_batch_right_for_training_left_for_generation(smollm2, vqa_rows):
+    rows = [encode_example(smollm2, SYSTEM, s.turns[0][0], s.turns[0][1], N_VISUAL) for s in vqa_rows[:4]]
+    lengths = [len(r.input_ids) for r in rows]
+    assert len(set(lengths)) > 1, "pick rows of different lengths"
+    T = max(lengths)
+    right, left = pad_batch(rows), pad_batch(rows, left=True)
+    assert "attn_mask" not in right and left["attn_mask"].shape == (4, T)
+    for batch in (right, left):
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["image_mask"].shape == (4, T)
+        assert batch["image_mask"].dtype == torch.bool
+        assert batch["image_mask"].sum(1).tolist() == [N_VISUAL] * 4
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        assert right["input_ids"][i, :n].tolist() == r.input_ids
+        assert right["labels"][i, :n].tolist() == r.labels
+        assert set(right["labels"][i, n:].tolist()) <= {-100}
+        assert set(right["input_ids"][i, n:].tolist()) <= {0}
+        assert left["input_ids"][i, T - n:].tolist() == r.input_ids
+        assert left["image_mask"][i, T - n:].tolist() == [bool(m) for m in r.image_mask]
+        assert left["attn_mask"][i].tolist() == [0] * (T - n) + [1] * n
+        assert not left["image_mask"][i, :T - n].any()
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def test_parse_args_types_and_booleans():
+    cfg = train.parse_args(["--stage", "3", "--adapter", "mwa", "--lr", "3e-4", "--steps", "7",
+                            "--grad-accum", "2", "--resume"])
+    assert (cfg.stage, cfg.adapter, cfg.lr, cfg.steps, cfg.grad_accum, cfg.resume) == \
+        (3, "mwa", 3e-4, 7, 2, True)
+    assert train.parse_args([]).resume is False
+    assert train.parse_args(["--resume", "--no-resume"]).resume is False
+    assert train.parse_args([]) == train.TrainConfig()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adapter", "lora"], "argument --adapter: invalid choice: 'lora'"),
+    (["--stage", "5"], "argument --stage: invalid choice: 5"),
+    (["--dtype", "fp16"], "argument --dtype: invalid choice"),
+    (["--steps", "ten"], "argument --steps: invalid int value"),
+    (["--batch-size", "0"], "--batch-size and --grad-accum must be >= 1"),
+    (["--grad-accum", "0"], "--batch-size and --grad-accum must be >= 1"),
+    (["--resume=yes"], "ignored explicit argument"),
+    (["--stage", "0", "--vision", "openai/clip-vit-base-patch16", "--qformer", "Salesforce/blip2-opt-2.7b"],
+     "stage 0 pretrains the offline vision tower"),
+])
+def test_parse_args_refuses_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

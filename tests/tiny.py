@@ -1,0 +1,83 @@
+"""Tiny backbones written to folders in the hub layouts, and small slices of easy-vqa, so tests
+can run train.py end to end in seconds.
+
+    llm = write_llm(tmp / "llm")              # LlamaForCausalLM (transformers) + SmolLM2's tokenizer
+    vision = write_vision(tmp / "vision")     # CLIP-layout ViT + preprocessor_config.json
+    qformer = write_qformer(tmp / "qformer")  # BLIP-2-layout Q-Former + MiniLM's vocab.txt
+    files = easyvqa_slices(tmp / "data", n=48)  # {"captions_train": path, ..., "image_root": root}
+
+The LLM keeps SmolLM2's vocabulary (49152) so the real tokenizer works on it. It has 17 layers
+because IAA's default (IAAConfig.n_insert = 8 insertion layers, in pairs 5 layers apart) needs
+at least 17; every other size is as small as the code allows.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from checkpoint import save_json
+from data.assets import minilm_folder, smollm2_folder
+from data.easyvqa import prepare_easyvqa
+from qformer import QFormer, QFormerConfig
+from vit import ImageProcessor, ViT, ViTConfig
+
+LLM_LAYERS = 17
+VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           image_size=32, patch_size=8)   # 16 patches -> 4 image tokens after the 2x2 shuffle
+QFORMER = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=64, num_query_tokens=4,
+               encoder_hidden_size=VIT["hidden_size"])
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def write_llm(folder, seed=0, layers=LLM_LAYERS) -> Path:
+    """A random Llama with SmolLM2's vocabulary, saved by transformers, plus SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_folder() / name, folder / name)
+    return folder
+
+
+def write_vision(folder, seed=0) -> Path:
+    """A random CLIP-layout ViT and its CLIP preprocessing, as a vision-tower hub folder."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    ViT(ViTConfig(**VIT)).save_pretrained(folder)
+    save_json(ImageProcessor.clip(VIT["image_size"]).to_hf(), folder / "preprocessor_config.json")
+    return folder
+
+
+def write_qformer(folder, seed=0) -> Path:
+    """A random BLIP-2-layout Q-Former with MiniLM's (bert-base-uncased) WordPiece vocabulary."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    QFormer(QFormerConfig(**QFORMER)).save_pretrained(folder)
+    shutil.copy(minilm_folder() / "vocab.txt", folder / "vocab.txt")
+    return folder
+
+
+def write_backbones(folder) -> dict[str, Path]:
+    folder = Path(folder)
+    return {"llm": write_llm(folder / "llm"), "vision": write_vision(folder / "vision"),
+            "qformer": write_qformer(folder / "qformer")}
+
+
+def easyvqa_slices(folder, n=48) -> dict[str, Path]:
+    """The first n rows of each easy-vqa conversation file (converted into folder/full), written
+    as folder/<kind>_<split>.json; image paths stay relative to the package's image root."""
+    folder = Path(folder)
+    full = prepare_easyvqa(folder / "full")
+    out = {"image_root": full["image_root"]}
+    for key, path in full.items():
+        if key != "image_root":
+            out[key] = folder / path.name
+            save_json(json.loads(path.read_text())[:n], out[key])
+    return out
