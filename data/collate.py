@@ -38,7 +38,7 @@ def encode_example(tok, system: str, question: str, answer: str | None, n_visual
     reply = [] if answer is None else tok.encode(answer) + [tok.stop_ids[0]]
     fixed = len(head) + n_visual + len(tail) + len(reply)
     if max_len is not None and fixed + len(query) > max_len:
-        if fixed >= max_len:
+        if fixed > max_len:
             raise ValueError(f"answer ({len(reply)} tokens), image ({n_visual}) and chat markup "
                              f"do not fit in max_len={max_len}")
         query = query[:max_len - fixed]
