@@ -1,17 +1,94 @@
 """
-Evaluation: answer accuracy on a run's test split, and one question about your own image.
+Evaluation: answer accuracy on a run's test split, one question about your own image, and the
+frozen LLM's text-only perplexity.
 
     python eval.py --checkpoint runs/crome/stage2                 # easy-vqa test split
+    python eval.py --checkpoint runs/crome/stage2 --limit 500     # a fixed random 500 rows
+    python eval.py --checkpoint runs/iaa/stage3 --text-ppl        # + text-only perplexity
+    python eval.py --checkpoint runs/crome/stage2 --data my.json --image-root images/
     python eval.py --checkpoint runs/crome/stage2 --image photo.png --prompt "What shape is this?"
 
-Metrics: open-ended answers by normalised exact match (per question type when the data has a
-"type" field); multiple choice by the letter extracted from the answer.
+Which rows get which metric:
+  multiple choice   rows whose answer is one letter A-E (easy-vqa's mc files, ScienceQA-style
+                    data). Two accuracies: (1) letter extraction from the greedy answer
+                    (extract_letter), (2) letter likelihood: one prefill of the prompt, the
+                    logits of the first answer token restricted to the option letters
+                    ("A".."D" for four options), the highest one chosen. (2) is what
+                    lm-eval-style multiple choice does with single-token choices; it never
+                    fails to parse, so it separates "knows the answer" from "answers in the
+                    format". The option count is len(row["options"]) when the row has it, else 5.
+  captions          every other row of a stage-1 run: exact match after normalize_answer.
+  open-ended        every other row: normalised exact match (the VQA convention, simplified),
+                    overall and per question type (the row's "type" field when present).
+Rows with more than one turn are skipped (and counted). Generation is greedy and batched with
+the KV cache (VLM.generate). Outputs, next to the run by default: eval_<split>.json (metrics and
+every prediction), eval_<split>.md (the metrics table), eval_<split>.png (16 examples, green =
+right, red = wrong).
+
+--text-ppl: perplexity on TEXT_CORPUS (fixed English sentences written for this file) through
+(a) the base LLM loaded fresh from the run's backbone and (b) the trained model's text-only
+path (model.llm: for IAA the untouched frozen LLM, so (a) == (b) is the design's promise; for
+MWA the LLM with the text-way adapters). For IAA also (c) the multimodal workflow on text.
 """
+import argparse
+import json
+import math
+import random
 import re
 import string
+import sys
+import textwrap
+import time
 from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from data.collate import encode_example, pad_batch
+from data.dataset import load_conversations, load_image
 
 ARTICLES = {"a", "an", "the"}
+MC_LETTERS = "ABCDE"
+GRID_SIZE = 16
+
+TEXT_CORPUS = (
+    "The river runs slowly through the valley before it reaches the sea.",
+    "She opened the window to let the cool morning air into the kitchen.",
+    "Most trains leave the central station on time, even in winter.",
+    "He spent the afternoon reading a long book about the history of ships.",
+    "The children built a small house of sticks at the edge of the forest.",
+    "Fresh bread tastes best when it is still warm from the oven.",
+    "A good map shows the roads, the rivers and the height of the hills.",
+    "The meeting was moved to Thursday because the manager was ill.",
+    "Bees visit thousands of flowers to make a single jar of honey.",
+    "When the sun went down, the temperature dropped very quickly.",
+    "The library is open every day except Sunday and public holidays.",
+    "Water boils at a lower temperature high up in the mountains.",
+    "They planted tomatoes, beans and potatoes in the garden last spring.",
+    "The old bridge was closed for repairs after the heavy storm.",
+    "Learning a new language takes patience and a lot of practice.",
+    "The cat slept on the warm stones next to the fireplace all evening.",
+    "Our teacher asked us to write a short story about a summer holiday.",
+    "The price of coffee has risen sharply over the past two years.",
+    "Doctors recommend drinking enough water and sleeping at least seven hours.",
+    "The museum keeps paintings from many different countries and centuries.",
+    "A strong wind blew the leaves across the empty parking lot.",
+    "He fixed the broken chair with a few nails and some glue.",
+    "The moon moves around the Earth about once every twenty-seven days.",
+    "Please turn off the lights when you leave the room.",
+    "The village has one shop, one school and a small church.",
+    "She plays the piano for an hour every evening after dinner.",
+    "Heavy rain caused the football match to be cancelled.",
+    "The scientists measured the depth of the lake with a long rope.",
+    "Many birds fly south in autumn to find food and warmer weather.",
+    "After a long walk, they sat down to rest under a large oak tree.",
+)
+
+
+# ----------------------------------------------------------------------------- scoring
 
 
 def normalize_answer(text: str) -> str:
@@ -21,15 +98,22 @@ def normalize_answer(text: str) -> str:
 
 
 def extract_letter(text: str, n_options: int = 26) -> str | None:
-    """The chosen option's letter from an answer like 'B', '(B)', 'B) red' or 'The answer is B.'."""
+    """The chosen option's letter, or None. Accepted: a bare letter ('B', 'b', '(b)', 'B.'),
+    a capital letter followed by '.', ':', ')' or ',' ('B) red', 'B. red'), a parenthesised
+    capital with anything after ('(B) red'), and 'the answer is B' anywhere. Refused on
+    purpose: words that start with a capital letter ('Because', 'A red circle': the article
+    'A' is not option A), and lower-case letters inside longer text ('the answer is a dog')."""
     letters = string.ascii_uppercase[:n_options]
-    m = re.match(rf"\s*\(?([{letters}])\)?(?:[\s.:)]|$)", text) or \
-        re.search(rf"answer is \(?([{letters}])\b", text)
-    return m.group(1) if m else None
+    bare = re.fullmatch(rf"\s*\(?([{letters}])\)?\.?\s*", text, flags=re.IGNORECASE)
+    if bare:
+        return bare.group(1).upper()
+    m = re.match(rf"\s*(?:\(([{letters}])\)|([{letters}])[.:),])", text) or \
+        re.search(rf"(?i:answer is):?\s*\(?([{letters}])\b", text)
+    return next(g for g in m.groups() if g) if m else None
 
 
 def score_answers(samples, predictions, multiple_choice=False) -> dict:
-    """Accuracy overall and per question type (sample.type when present)."""
+    """Accuracy overall and per question type (sample.extra["type"] when present)."""
     hits, counts = defaultdict(int), defaultdict(int)
     for sample, pred in zip(samples, predictions):
         truth = sample.turns[0][1]
@@ -41,3 +125,314 @@ def score_answers(samples, predictions, multiple_choice=False) -> dict:
             counts[key] += 1
     return {"accuracy": round(hits["all"] / max(1, counts["all"]), 4), "n": counts["all"],
             **{f"accuracy_{k}": round(hits[k] / counts[k], 4) for k in sorted(counts) if k != "all"}}
+
+
+def recall_at_k(sim: torch.Tensor, truth: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Retrieval recall: sim (Nq, Nc) query-candidate scores, truth (Nq,) the right candidate's
+    index. A query's rank is the number of candidates scoring >= its right one, so ties count
+    pessimistically (a constant scorer gets R@1 = 0, not a lucky 1)."""
+    right = sim.gather(1, truth[:, None])                  # (Nq, 1)
+    rank = (sim >= right).sum(1)                           # (Nq,), 1 = best
+    return {f"R@{k}": round(float((rank <= k).float().mean()), 4) for k in ks}
+
+
+def is_multiple_choice(sample) -> bool:
+    answer = sample.turns[0][1].strip()
+    return len(answer) == 1 and answer in MC_LETTERS
+
+
+# ----------------------------------------------------------------------------- answering
+
+
+class Answerer:
+    """Batched answering with a loaded run (stages.load_run's Parts): greedy KV-cached
+    generation, and the letter-likelihood choice for multiple choice. Prompts are built as in
+    training (data.collate, left padding for generation)."""
+
+    def __init__(self, parts, bf16=False, batch_size=32, max_len=None, max_new_tokens=16):
+        self.parts, self.bf16, self.batch_size = parts, bf16, batch_size
+        self.max_len, self.max_new_tokens = max_len, max_new_tokens
+        self.device = next(parts.model.parameters()).device
+        self.pixel_cache = {}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def pixels(self, images) -> torch.Tensor:
+        """Images (paths, cached, or PIL images) -> (B, 3, H, W)."""
+        out = []
+        for img in images:
+            if isinstance(img, Image.Image):
+                out.append(self.parts.processor([img])[0])
+                continue
+            if img not in self.pixel_cache:
+                self.pixel_cache[img] = self.parts.processor([load_image(img)])[0]
+            out.append(self.pixel_cache[img])
+        return torch.stack(out)
+
+    def batch(self, images, questions) -> dict:
+        """The left-padded generation prompts of one batch, on the model's device."""
+        model, tok = self.parts.model, self.parts.tok
+        batch = pad_batch([encode_example(tok, model.cfg.system_prompt, q, None, model.n_visual,
+                                          self.max_len) for q in questions], left=True)
+        del batch["labels"]
+        batch["pixels"] = self.pixels(images)
+        if self.parts.wordpiece is not None:  # CROME: the Q-Former reads the instruction
+            batch["instr_ids"], batch["instr_mask"] = self.parts.wordpiece(
+                list(questions), max_length=model.cfg.max_instruction_len)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def chunks(self, *columns):
+        for i in range(0, len(columns[0]), self.batch_size):
+            yield [c[i:i + self.batch_size] for c in columns]
+
+    @torch.no_grad()
+    def generate(self, images, questions) -> list[str]:
+        out = []
+        for imgs, qs in self.chunks(images, questions):
+            with self.autocast():
+                ids = self.parts.model.generate(self.batch(imgs, qs), self.max_new_tokens,
+                                                stop_ids=self.parts.tok.stop_ids)
+            out += [self.parts.tok.decode(row).strip() for row in ids]
+        return out
+
+    def letter_ids(self, n: int) -> list[int]:
+        ids = [self.parts.tok.encode(letter) for letter in MC_LETTERS[:n]]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"option letters are not single tokens for this tokenizer: {ids}")
+        return [i[0] for i in ids]
+
+    @torch.no_grad()
+    def first_token_logits(self, batch) -> torch.Tensor:
+        """Logits of the first answer token, from one prefill -> (B, V)."""
+        model = self.parts.model
+        last = torch.zeros_like(batch["attn_mask"], dtype=torch.bool)
+        last[:, -1] = True
+        return model.run_llm(model.embed(batch), batch["image_mask"].long(),
+                             attn_mask=batch["attn_mask"], logits_at=last).float()
+
+    def choose_letters(self, images, questions, n_options) -> list[str]:
+        """Multiple choice by letter likelihood: per row, the option letter among the first
+        n_options whose token the model scores highest as the first answer token."""
+        ids = self.letter_ids(max(n_options))
+        out = []
+        for imgs, qs, ns in self.chunks(images, questions, list(n_options)):
+            with self.autocast():
+                logits = self.first_token_logits(self.batch(imgs, qs))[:, ids]  # (B, L)
+            n = torch.tensor(ns, device=logits.device)[:, None]                  # (B, 1)
+            allowed = torch.arange(len(ids), device=logits.device) < n           # (B, L)
+            best = logits.masked_fill(~allowed, -math.inf).argmax(-1)            # (B,)
+            out += [MC_LETTERS[i] for i in best.tolist()]
+        return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(answerer, samples, stage: int) -> tuple[dict, list[dict]]:
+    """Metrics for single-turn samples (see the module docstring) and one record per row."""
+    t0 = time.time()
+    images, questions = [s.image for s in samples], [s.turns[0][0] for s in samples]
+    predictions = answerer.generate(images, questions)
+    mc = [i for i, s in enumerate(samples) if is_multiple_choice(s)]
+    other = sorted(set(range(len(samples))) - set(mc))
+    chosen = {}
+    if mc:
+        n_options = [len(samples[i].extra.get("options") or MC_LETTERS) for i in mc]
+        chosen = dict(zip(mc, answerer.choose_letters([images[i] for i in mc],
+                                                      [questions[i] for i in mc], n_options)))
+    metrics = {}
+    if other:
+        metrics["caption" if stage == 1 else "open_ended"] = score_answers(
+            [samples[i] for i in other], [predictions[i] for i in other])
+    if mc:
+        mc_samples = [samples[i] for i in mc]
+        metrics["multiple_choice"] = {
+            "letter_extraction": score_answers(mc_samples, [predictions[i] for i in mc], True),
+            "letter_likelihood": score_answers(mc_samples, [chosen[i] for i in mc], True)}
+    dt = time.time() - t0
+    metrics["n"], metrics["seconds"] = len(samples), round(dt, 1)
+    metrics["samples_per_s"] = round(len(samples) / max(dt, 1e-9), 2)
+    records = []
+    for i, (s, pred) in enumerate(zip(samples, predictions)):
+        truth = s.turns[0][1]
+        correct = extract_letter(pred) == truth.strip() if i in chosen else \
+            normalize_answer(pred) == normalize_answer(truth)
+        records.append({"id": s.id, "image": str(s.image), "question": questions[i],
+                        "truth": truth, "prediction": pred, "correct": correct,
+                        **({"likelihood_choice": chosen[i]} if i in chosen else {}),
+                        **{k: s.extra[k] for k in ("type", "answer_text") if k in s.extra}})
+    return metrics, records
+
+
+@torch.no_grad()
+def text_perplexity(forward, tok, texts=TEXT_CORPUS, device="cpu") -> float:
+    """exp(mean next-token NLL) over texts, each encoded on its own as plain text (no chat
+    markup, no BOS); forward(ids (1, T)) -> logits (1, T, V)."""
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tok.encode(text)], device=device)   # (1, T)
+        logits = forward(ids).float()                            # (1, T, V)
+        nll += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def text_ppl_report(parts, llm_source: str, bf16: bool) -> dict:
+    """Perplexity through the base LLM (loaded fresh) and the trained model's text paths."""
+    from model import LLM
+    model, device = parts.model, next(parts.model.parameters()).device
+    base = LLM.from_pretrained(llm_source, dtype=torch.bfloat16 if bf16 else None, device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    def ppl(fn):
+        with ctx():
+            return round(text_perplexity(fn, parts.tok, device=device), 4)
+
+    report = {"corpus_sentences": len(TEXT_CORPUS), "base_llm": ppl(lambda ids: base(idx=ids)),
+              "text_only": ppl(lambda ids: model.llm(idx=ids))}
+    if model.cfg.adapter == "iaa":
+        report["multimodal_workflow"] = ppl(lambda ids: model.run_llm(idx=ids))
+    return report
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def metrics_table(results: dict) -> str:
+    """The metrics as a markdown table, one row per number."""
+    rows = []
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix} / {k}" if prefix else k, v)
+        elif isinstance(value, (int, float)):
+            rows.append(f"| {prefix} | {value} |")
+
+    walk("", results["metrics"])
+    head = f"# eval: {results['checkpoint']} on {results['data']}\n\n| metric | value |\n|---|---|\n"
+    return head + "\n".join(rows) + "\n"
+
+
+def draw_grid(records, path, size=GRID_SIZE, cell=(224, 184), thumb=112):
+    """A PNG of the first `size` records: image, question, prediction (green right, red wrong)
+    and truth."""
+    cols = 4
+    rows = max(1, math.ceil(min(size, len(records)) / cols))
+    sheet = Image.new("RGB", (cols * cell[0], rows * cell[1]), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, rec in enumerate(records[:size]):
+        x, y = (i % cols) * cell[0], (i // cols) * cell[1]
+        sheet.paste(load_image(rec["image"]).resize((thumb, thumb)), (x + 4, y + 4))
+        lines = textwrap.wrap(rec["question"].split("\n")[0], 36)[:3]
+        ty = y + thumb + 8
+        for line in lines:
+            draw.text((x + 4, ty), line, fill="black")
+            ty += 12
+        color = (0, 140, 0) if rec["correct"] else (200, 0, 0)
+        draw.text((x + 4, ty), f"pred: {rec['prediction'][:30]}", fill=color)
+        truth = rec["truth"] + (f" ({rec['answer_text']})" if "answer_text" in rec else "")
+        draw.text((x + 4, ty + 12), f"truth: {truth[:30]}", fill="black")
+    sheet.save(path)
+
+
+def write_outputs(results: dict, prefix: Path) -> list[Path]:
+    from checkpoint import save_json
+    paths = [prefix.with_name(prefix.name + ext) for ext in (".json", ".md", ".png")]
+    save_json(results, paths[0])
+    paths[1].write_text(metrics_table(results))
+    draw_grid(results["predictions"], paths[2])
+    return paths
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
+    """(json file, image root, name) to evaluate: --data, else the run's data for --split
+    (easy-vqa's file for the run's stage when it trained on the defaults)."""
+    if args.data:
+        if not args.image_root:
+            raise SystemExit("--data needs --image-root (the folder its image paths are relative to)")
+        return Path(args.data), Path(args.image_root), Path(args.data).stem
+    if saved_train["data"]:
+        if args.split == "test" or not saved_train["val_data"]:
+            raise SystemExit(f"this run trained on {saved_train['data']}, which has no known "
+                             f"{args.split} file: pass --data FILE --image-root DIR")
+        return Path(saved_train["val_data"]), Path(saved_train["image_root"]), args.split
+    from data.easyvqa import prepare_easyvqa
+    from stages import EASYVQA_FILES
+    files = prepare_easyvqa()
+    name = f"{EASYVQA_FILES[saved_train['stage']]}_{args.split}"
+    return files[name], files["image_root"], args.split
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a stage 1-3 run directory")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--data", help="a LLaVA-format JSON to evaluate instead of the run's split")
+    p.add_argument("--image-root", help="the folder --data's image paths are relative to")
+    p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset (0 = all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--dtype", choices=["bf16", "fp32"],
+                   help="default: the run's training dtype on GPU; fp32 on CPU, where bf16 "
+                        "matmuls are usually slower")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output prefix (default RUN_DIR/eval_<split>)")
+    p.add_argument("--text-ppl", action="store_true", help="also the text-only perplexity")
+    p.add_argument("--image", help="answer --prompt about this one image and exit")
+    p.add_argument("--prompt", help="the question for --image")
+    p.add_argument("--num-threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if bool(args.image) != bool(args.prompt):
+        p.error("--image and --prompt go together")
+    if args.limit < 0 or args.batch_size < 1:
+        p.error("--limit must be >= 0 and --batch-size >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Returns {"answer": str} for --image, else the results written to disk."""
+    from checkpoint import read_config
+    from stages import load_run
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    run = Path(args.checkpoint)
+    saved = read_config(run)
+    default = saved["train"]["dtype"] if device.type == "cuda" else "fp32"
+    bf16 = (args.dtype or default) == "bf16"
+    parts = load_run(run, device, bf16)
+    answerer = Answerer(parts, bf16, args.batch_size, saved["train"]["max_len"], args.max_new_tokens)
+    if args.image:
+        answer = answerer.generate([load_image(args.image)], [args.prompt])[0]
+        print(answer)
+        return {"answer": answer}
+    data, root, name = eval_data(saved["train"], args)
+    samples, _ = load_conversations(data, root)
+    single = [s for s in samples if len(s.turns) == 1]
+    multi_turn = len(samples) - len(single)
+    if args.limit and args.limit < len(single):
+        keep = sorted(random.Random(0).sample(range(len(single)), args.limit))
+        single = [single[i] for i in keep]
+    print(f"evaluating {run} on {data}: {len(single)} rows", flush=True)
+    metrics, records = evaluate(answerer, single, saved["train"]["stage"])
+    metrics["skipped_multi_turn"] = multi_turn
+    if args.text_ppl:
+        metrics["text_ppl"] = text_ppl_report(parts, saved["backbones"]["llm"], bf16)
+    results = {"checkpoint": str(run), "data": str(data), "dtype": "bf16" if bf16 else "fp32",
+               "limit": args.limit, "metrics": metrics, "predictions": records}
+    prefix = Path(args.out) if args.out else run / f"eval_{name}"
+    paths = write_outputs(results, prefix)
+    print(json.dumps(metrics, indent=1))
+    print("wrote " + ", ".join(map(str, paths)))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

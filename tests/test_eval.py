@@ -1,0 +1,203 @@
+"""eval.py: answer normalisation, letter extraction, scoring per type, R@K with ties, the text
+perplexity, letter-likelihood multiple choice (batched == one at a time), and the CLI (one
+image; a mixed data file -> JSON/MD/PNG with --text-ppl; the run's own val split) against run
+directories trained for 2 steps on tiny hub-layout backbones (tests/tiny.py)."""
+import json
+import math
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import tiny
+import train
+from data.dataset import Sample, load_conversations
+from stages import load_run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As in test_train: on a shared 2-core machine torch's default thread pool oversubscribes
+    the cores and tiny models run many times slower. eval.main(--num-threads) sets it too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Red", "red"), ("  red  ", "red"), ("red.", "red"), ("The circle", "circle"),
+    ("a  Red,   circle!", "red circle"), ("An apple", "apple"), ("yes!", "yes"),
+    ("then", "then"), ("", ""),
+])
+def test_normalize_answer(text, want):
+    assert ev.normalize_answer(text) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("B", "B"), ("(B)", "B"), ("B) red", "B"), ("B. red", "B"), ("(B) red", "B"),
+    ("The answer is B.", "B"), ("the Answer is (C)", "C"), ("b", "B"), (" (b) ", "B"),
+    ("the answer is a dog", None),
+    ("none", None), ("Because", None), ("A red circle", None), ("I think B", None), ("", None),
+])
+def test_extract_letter(text, want):
+    assert ev.extract_letter(text) == want
+
+
+def test_extract_letter_respects_option_count():
+    assert ev.extract_letter("D", n_options=4) == "D"
+    assert ev.extract_letter("E", n_options=4) is None
+
+
+def sample(question, answer, kind=None, **extra):
+    return Sample("0", Path("x.png"), [(question, answer)], True,
+                  {**({"type": kind} if kind else {}), **extra})
+
+
+def test_score_answers_per_type():
+    samples = [sample("colour?", "red", "color"), sample("colour?", "blue", "color"),
+               sample("shape?", "circle", "shape"), sample("any?", "yes", "yes/no")]
+    got = ev.score_answers(samples, ["Red.", "green", "a circle", "no"])
+    assert got == {"accuracy": 0.5, "n": 4, "accuracy_color": 0.5, "accuracy_shape": 1.0,
+                   "accuracy_yes/no": 0.0}
+    mc = [sample("q", "B"), sample("q", "A"), sample("q", "C")]
+    assert ev.score_answers(mc, ["(B) red", "Because", "C"], multiple_choice=True) == \
+        {"accuracy": round(2 / 3, 4), "n": 3}
+
+
+def test_recall_at_k_counts_ties_pessimistically():
+    sim = torch.tensor([[0.9, 0.1, 0.2],     # right one best: rank 1
+                        [0.5, 0.5, 0.1],     # tied with another: rank 2
+                        [0.3, 0.2, 0.1]])    # right one last: rank 3
+    got = ev.recall_at_k(sim, torch.tensor([0, 1, 2]), ks=(1, 2, 3))
+    assert got == {"R@1": round(1 / 3, 4), "R@2": round(2 / 3, 4), "R@3": 1.0}
+    assert ev.recall_at_k(torch.zeros(4, 4), torch.arange(4), ks=(1, 4)) == {"R@1": 0.0, "R@4": 1.0}
+
+
+class CharTok:
+    def encode(self, text):
+        return [ord(c) % 50 for c in text]
+
+
+def test_text_perplexity_of_uniform_and_perfect_models():
+    V = 50
+    uniform = ev.text_perplexity(lambda ids: torch.zeros(1, ids.shape[1], V), CharTok())
+    assert uniform == pytest.approx(V, rel=1e-6)
+
+    def oracle(ids):  # puts all mass on the true next token
+        logits = torch.full((1, ids.shape[1], V), -1e4)
+        logits[0, torch.arange(ids.shape[1] - 1), ids[0, 1:]] = 0.0
+        return logits
+    assert ev.text_perplexity(oracle, CharTok()) == pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- tiny runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """IAA and CROME stage-2 runs of 2 steps, and the easy-vqa slices."""
+    base = tmp_path_factory.mktemp("eval")
+    assets = tiny.write_backbones(base)
+    data = tiny.easyvqa_slices(base / "data", n=24)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out = {"data": data}
+    for design in ("iaa", "crome"):
+        train.main(["--stage", "2", "--adapter", design, "--llm", str(assets["llm"]),
+                    "--vision", str(assets["vision"]), "--qformer", str(assets["qformer"]),
+                    "--data", str(data["vqa_train"]), "--val-data", str(data["vqa_val"]),
+                    "--image-root", str(data["image_root"]), "--out-dir", str(base / "runs"),
+                    "--steps", "2", "--batch-size", "4", "--val-samples", "2", "--dtype", "fp32",
+                    "--num-threads", "1"])
+        out[design] = base / "runs" / design / "stage2"
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    return out
+
+
+@pytest.mark.parametrize("design", ["iaa", "crome"])
+def test_letter_likelihood_is_a_valid_letter_and_batching_does_not_change_it(runs, design):
+    parts = load_run(runs[design], "cpu", bf16=False)
+    mc, _ = load_conversations(runs["data"]["mc_test"], runs["data"]["image_root"])
+    mc = mc[:6]
+    images, questions = [s.image for s in mc], [s.turns[0][0] for s in mc]
+    n_options = [len(s.extra["options"]) for s in mc]
+    assert len(set(n_options)) > 1 or len({len(q) for q in questions}) > 1  # padding happens
+    batched = ev.Answerer(parts, batch_size=4).choose_letters(images, questions, n_options)
+    single = ev.Answerer(parts, batch_size=1)
+    ids = single.letter_ids(5)
+    for letter, image, question, n in zip(batched, images, questions, n_options):
+        assert letter in ev.MC_LETTERS[:n]
+        logits = single.first_token_logits(single.batch([image], [question]))[0]  # (V,)
+        assert letter == ev.MC_LETTERS[int(logits[ids[:n]].argmax())]
+
+
+def test_single_image_cli_prints_the_answer(runs, capsys):
+    image = next(Path(runs["data"]["image_root"]).glob("test/images/*.png"))
+    argv = ["--checkpoint", str(runs["iaa"]), "--image", str(image),
+            "--prompt", "What shape is in the image?", "--max-new-tokens", "4", "--num-threads", "1"]
+    got = ev.main(argv)
+    printed = capsys.readouterr().out.splitlines()
+    assert isinstance(got["answer"], str) and printed[-1] == got["answer"]
+    parts = load_run(runs["iaa"], "cpu", bf16=False)
+    direct = ev.Answerer(parts, max_len=128, max_new_tokens=4).generate(
+        [Image.open(image).convert("RGB")], ["What shape is in the image?"])
+    assert direct == [got["answer"]]
+
+
+def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
+    data = runs["data"]
+    rows = json.loads(data["mc_test"].read_text())[:4] + json.loads(data["vqa_test"].read_text())[:4]
+    turns = rows[-1]["conversations"]
+    two_turns = dict(rows[-1], id="two", conversations=turns + [
+        {"from": "human", "value": "And the colour?"}, turns[1]])
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(rows + [two_turns]))
+    results = ev.main(["--checkpoint", str(runs["iaa"]), "--data", str(mixed),
+                       "--image-root", str(data["image_root"]), "--text-ppl",
+                       "--batch-size", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "r"),
+                       "--num-threads", "1"])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    m = saved["metrics"]
+    assert (m["n"], m["skipped_multi_turn"]) == (8, 1)
+    assert m["open_ended"]["n"] == 4
+    assert {k for k in m["open_ended"] if k.startswith("accuracy_")} == \
+        {f"accuracy_{r['type']}" for r in rows[4:]}
+    assert {"letter_extraction", "letter_likelihood"} == set(m["multiple_choice"])
+    records = saved["predictions"]
+    mc = [r for r in records if "likelihood_choice" in r]
+    assert len(mc) == 4
+    hits = sum(r["likelihood_choice"] == r["truth"] for r in mc)
+    assert m["multiple_choice"]["letter_likelihood"]["accuracy"] == round(hits / 4, 4)
+    open_hits = sum(r["correct"] for r in records if "likelihood_choice" not in r)
+    assert m["open_ended"]["accuracy"] == round(open_hits / 4, 4)
+    ppl = m["text_ppl"]
+    assert ppl["base_llm"] == ppl["text_only"]           # IAA: the text path is the base LLM
+    assert math.isfinite(ppl["multimodal_workflow"]) and ppl["multimodal_workflow"] > 1
+    md = (tmp_path / "r.md").read_text()
+    assert "| multiple_choice / letter_likelihood / accuracy |" in md
+    assert "| text_ppl / base_llm |" in md
+    with Image.open(tmp_path / "r.png") as png:
+        assert png.size == (4 * 224, 2 * 184)
+        # under the thumbnails only the prediction lines are coloured (green right, red wrong)
+        text = np.asarray(png.convert("RGB").crop((0, 120, 4 * 224, 184))).astype(int)
+        assert ((text.max(-1) - text.min(-1)) > 60).any()
+
+
+def test_run_val_split_by_default_and_test_split_needs_data(runs):
+    results = ev.main(["--checkpoint", str(runs["crome"]), "--split", "val", "--limit", "3",
+                       "--max-new-tokens", "2", "--num-threads", "1"])
+    config = json.loads((runs["crome"] / "config.json").read_text())
+    assert results["data"] == config["train"]["val_data"]
+    assert results["metrics"]["open_ended"]["n"] == 3
+    assert (runs["crome"] / "eval_val.json").is_file() and (runs["crome"] / "eval_val.png").is_file()
+    with pytest.raises(SystemExit, match="pass --data"):
+        ev.main(["--checkpoint", str(runs["crome"]), "--split", "test"])
