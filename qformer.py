@@ -69,6 +69,8 @@ class WordPieceTokenizer:
     def from_pretrained(cls, name_or_path):
         """vocab.txt (one token a line, id = line number) + tokenizer_config.json if present."""
         folder = resolve_checkpoint(name_or_path, ("vocab.txt", "tokenizer_config.json"))
+        if not (folder / "vocab.txt").is_file():
+            raise CheckpointError(f"{folder}: vocab.txt missing (the Q-Former's WordPiece vocabulary)")
         lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
         vocab = {tok: i for i, tok in enumerate(lines[:-1] if lines[-1] == "" else lines)}
         cfg = {}
