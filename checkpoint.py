@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -52,6 +52,16 @@ def read_config(folder: Path, name="config.json") -> dict:
 def read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); "
+                              "is it truncated or corrupt?") from e
+
+
+def read_safetensors_metadata(path: Path) -> dict:
+    """The string metadata in a safetensors header, without reading the tensors."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); "
                               "is it truncated or corrupt?") from e

