@@ -70,7 +70,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0         # 0 = only at the end
     save_every: int = 100       # checkpoint period in steps (0 = only at the end)
-    val_samples: int = 300
+    val_samples: int = 500
     seed: int = 1337
     on_bad_sample: str = "error"  # error | skip
     nan_policy: str = "stop"    # stop | skip
@@ -79,7 +79,7 @@ class TrainConfig:
 
 # Steps and per-device batch for each stage on the offline preset, sized for a 2-core CPU.
 STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32), 1: dict(steps=150, batch_size=16),
-                  2: dict(steps=300, batch_size=16), 3: dict(steps=200, batch_size=16)}
+                  2: dict(steps=320, batch_size=16), 3: dict(steps=200, batch_size=16)}
 
 
 def parse_args(argv=None) -> TrainConfig:
