@@ -161,12 +161,15 @@ class VisionPretraining(Task):
         return fn(batch["pixels"], self.text_pooled[batch["caption_ids"]], batch["caption_ids"])
 
     def flops(self, batch):
-        """Training FLOPs: 6 per parameter per token for the ViT (its patches + class token)
-        and for the Q-Former's queries (an upper bound: the query way uses most of its weights)."""
+        """Training FLOPs, 6 per weight per token: the ViT's weights on its patches and class
+        token, the Q-Former's query-way weights (not its text FFNs or embedding tables) on the
+        queries."""
         vit, q = self.model.vision, self.model.qformer
         n_patch = self.image_tokens() - q.config.num_query_tokens
+        query_way = sum(p.numel() for n, p in q.named_parameters()
+                        if "embeddings" not in n and "ffn_text" not in n)
         per_image = 6 * (sum(p.numel() for p in vit.parameters()) * n_patch
-                         + sum(p.numel() for p in q.parameters()) * q.config.num_query_tokens)
+                         + query_way * q.config.num_query_tokens)
         return per_image * batch["pixels"].shape[0]
 
     @torch.no_grad()
@@ -352,11 +355,13 @@ class VLMTask(Task):
         return fn(batch)
 
     def flops(self, batch):
-        """Per token: forward 2N, backward to the inputs 2N (gradients flow through the frozen
-        LLM), and 2N_trainable for the weight gradients (an upper bound: the LM head runs only
-        at answer positions)."""
-        total = sum(p.numel() for p in self.model.parameters())
-        return (4 * total + 2 * self.n_trainable()) * self.tokens(batch)
+        """The LLM's matmul weights N (embedding table and the LM head, which runs only at the
+        answer positions, left out) per token: forward 2N and backward to the inputs 2N, since
+        gradients flow through the frozen LLM; plus 6 per trainable weight per token (an
+        upper bound for the connector and adapter, which see fewer tokens)."""
+        llm = sum(p.numel() for n, p in self.model.llm.named_parameters() if "wte" not in n
+                  and "lm_head" not in n and not p.requires_grad)
+        return (4 * llm + 6 * self.n_trainable()) * self.tokens(batch)
 
     @torch.no_grad()
     def validate(self):
