@@ -85,8 +85,8 @@ def bench_vit(dtype, batch):
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
     x = torch.randn(batch, 3, 224, 224, dtype=dtype)
     with torch.no_grad():
-        report(f"vit forward B={batch}", name, timed(lambda: ours(x, select_layer=-1), 3, 1),
-               timed(lambda: ref(pixel_values=x).last_hidden_state, 3, 1))
+        report(f"vit forward B={batch}", name, timed(lambda: ours(x, select_layer=-1)),
+               timed(lambda: ref(pixel_values=x).last_hidden_state))
 
 
 def bench_qformer(dtype, batch):
@@ -95,8 +95,9 @@ def bench_qformer(dtype, batch):
     from qformer import QFormer
     qcfg = transformers.Blip2QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                            intermediate_size=3072, encoder_hidden_size=768)
-    cfg = transformers.Blip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                      num_attention_heads=2, image_size=32, patch_size=16),
+    # Blip2Config sets the Q-Former's encoder width to the vision tower's: make that 768 too
+    cfg = transformers.Blip2Config(vision_config=dict(hidden_size=768, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=12, image_size=32, patch_size=16),
                                    qformer_config=qcfg.to_dict(),
                                    text_config=dict(model_type="opt", vocab_size=64, hidden_size=32,
                                                     num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
