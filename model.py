@@ -296,6 +296,8 @@ class LLM(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model.to_empty(device="cpu")
+        if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
+            model.lm_head.weight = model.wte.weight
         hub_state = read_state_dict(folder)
         mapping, ignore = hub_key_map(cfg, hub_state)
         state = remap(hub_state, mapping, ignore, source=str(folder))

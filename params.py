@@ -23,6 +23,7 @@ from model import LLM, LLMConfig
 from qformer import QFormer, QFormerConfig
 from stages import OFFLINE_QUERIES
 from stages import OFFLINE_VIT as OFFLINE_VIT_FIELDS
+from train import TrainConfig
 from vit import ViT, ViTConfig
 from vlm import TRAINABLE, VLM, VLMConfig
 
@@ -92,7 +93,7 @@ def mwa_rows():
 def offline_vlm(design, **sub) -> VLM:
     llm, vision = LLM(LLMConfig()), ViT(OFFLINE_VIT)
     qformer = QFormer(OFFLINE_QFORMER) if design == "crome" else None
-    return VLM(VLMConfig(adapter=design, **sub), llm, vision, qformer)
+    return VLM(VLMConfig(adapter=design, shuffle=TrainConfig.pixel_shuffle, **sub), llm, vision, qformer)
 
 
 def offline_rows():

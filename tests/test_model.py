@@ -60,6 +60,7 @@ CASES = {
 def test_logits_match_reference(tmp_path, case):
     ref = CASES[case](tmp_path)
     ours = LLM.from_pretrained(tmp_path)
+    assert (ours.lm_head.weight is ours.wte.weight) == ours.config.tie_word_embeddings
     idx = torch.randint(0, 96, (2, 40))
     with torch.no_grad():
         expected = ref(idx).logits
