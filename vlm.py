@@ -149,9 +149,6 @@ class VLM(nn.Module):
                 self.adapter.train(mode)
         return self
 
-    def components(self):
-        return {n: m for n, m in self.named_children() if m is not None}
-
     def trainable_state(self) -> dict:
         """Weights of saved_components(design, stage), keyed 'component.param'."""
         names = saved_components(self.cfg.adapter, self.stage)
