@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from data.collate import encode_example, pad_batch
+from data.collate import ImageCache, encode_example, pad_batch
 from data.dataset import load_conversations, load_image
 
 ARTICLES = {"a", "an", "the"}
@@ -153,22 +153,10 @@ class Answerer:
         self.parts, self.bf16, self.batch_size = parts, bf16, batch_size
         self.max_len, self.max_new_tokens = max_len, max_new_tokens
         self.device = next(parts.model.parameters()).device
-        self.pixel_cache = {}
+        self.pixels = ImageCache(parts.processor)  # paths (cached) or PIL images -> (B, 3, H, W)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-
-    def pixels(self, images) -> torch.Tensor:
-        """Images (paths, cached, or PIL images) -> (B, 3, H, W)."""
-        out = []
-        for img in images:
-            if isinstance(img, Image.Image):
-                out.append(self.parts.processor([img])[0])
-                continue
-            if img not in self.pixel_cache:
-                self.pixel_cache[img] = self.parts.processor([load_image(img)])[0]
-            out.append(self.pixel_cache[img])
-        return torch.stack(out)
 
     def batch(self, images, questions) -> dict:
         """The left-padded generation prompts of one batch, on the model's device."""

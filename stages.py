@@ -18,8 +18,8 @@ import torch
 from adapters import IAAConfig
 from checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
                         resolve_checkpoint, save_json)
-from data.collate import encode_example, pad_batch
-from data.dataset import DataError, load_conversations, load_image
+from data.collate import ImageCache, encode_example, pad_batch
+from data.dataset import DataError, load_conversations
 from vlm import VLM, DualEncoder, TRAINABLE, VLMConfig, saved_components
 
 OFFLINE_VIT = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
@@ -63,19 +63,6 @@ def load_samples(path, root, cfg, env, pixels=None):
         env.log(f"{path}: skipped {len(skipped)} bad rows (--on-bad-sample skip), "
                 f"first: {skipped[0]}")
     return samples
-
-
-class ImageCache:
-    """Decoded, preprocessed pixels per image path (small datasets fit in memory)."""
-
-    def __init__(self, processor):
-        self.processor, self.cache = processor, {}
-
-    def __call__(self, paths) -> torch.Tensor:
-        for p in paths:
-            if p not in self.cache:
-                self.cache[p] = self.processor([load_image(p)])[0]
-        return torch.stack([self.cache[p] for p in paths])  # (B, 3, H, W)
 
 
 class Task:

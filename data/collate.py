@@ -10,6 +10,9 @@ One example, as token positions:
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
+
+from data.dataset import load_image
 
 IMAGE = "<image>"
 QUESTION = "<question>"  # where the question goes in the rendered template
@@ -64,3 +67,22 @@ def pad_batch(examples: list[Encoded], left: bool = False) -> dict:
     if left:
         out["attn_mask"] = torch.tensor([pad([1] * len(e.input_ids), 0) for e in examples])
     return out
+
+
+class ImageCache:
+    """Preprocessed pixels per image path, decoded once (small datasets fit in memory). PIL
+    images passed in directly are processed each time and not cached."""
+
+    def __init__(self, processor):
+        self.processor, self.cache = processor, {}
+
+    def __call__(self, images) -> torch.Tensor:
+        out = []
+        for img in images:
+            if isinstance(img, Image.Image):
+                out.append(self.processor([img])[0])
+                continue
+            if img not in self.cache:
+                self.cache[img] = self.processor([load_image(img)])[0]
+            out.append(self.cache[img])
+        return torch.stack(out)  # (B, 3, H, W)
