@@ -147,18 +147,6 @@ class VisionPretraining(Task):
     def loss(self, fn, batch):
         return fn(batch["pixels"], self.text_pooled[batch["caption_ids"]], batch["caption_ids"])
 
-    def flops(self, batch):
-        """Training FLOPs, 6 per weight per token: the ViT's weights on its patches and class
-        token, the Q-Former's query-way weights (not its text FFNs or embedding tables) on the
-        queries."""
-        vit, q = self.model.vision, self.model.qformer
-        n_patch = self.image_tokens() - q.config.num_query_tokens
-        query_way = sum(p.numel() for n, p in q.named_parameters()
-                        if "embeddings" not in n and "ffn_text" not in n)
-        per_image = 6 * (sum(p.numel() for p in vit.parameters()) * n_patch
-                         + query_way * q.config.num_query_tokens)
-        return per_image * batch["pixels"].shape[0]
-
     @torch.no_grad()
     def validate(self):
         """Image -> caption retrieval among all distinct captions: top-1 accuracy, through the
@@ -312,7 +300,7 @@ class VLMTask(Task):
         self.env.log(f"initialised {', '.join(components)} from {weights}")
 
     def param_groups(self):
-        lrs = {"qformer": self.cfg.lr_qformer}
+        lrs = {"qformer": self.cfg.lr_qformer, "llm": self.cfg.lr_llm}
         return {name: (list(getattr(self.model, name).parameters()), lrs.get(name, self.cfg.lr))
                 for name in TRAINABLE[self.cfg.adapter][self.cfg.stage]}
 
@@ -340,15 +328,6 @@ class VLMTask(Task):
 
     def loss(self, fn, batch):
         return fn(batch)
-
-    def flops(self, batch):
-        """The LLM's matmul weights N (embedding table and the LM head, which runs only at the
-        answer positions, left out) per token: forward 2N and backward to the inputs 2N, since
-        gradients flow through the frozen LLM; plus 6 per trainable weight per token (an
-        upper bound for the connector and adapter, which see fewer tokens)."""
-        llm = sum(p.numel() for n, p in self.model.llm.named_parameters() if "wte" not in n
-                  and "lm_head" not in n and not p.requires_grad)
-        return (4 * llm + 6 * self.n_trainable()) * self.tokens(batch)
 
     @torch.no_grad()
     def validate(self):

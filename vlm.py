@@ -6,10 +6,11 @@ the frozen decoder LLM. The data flow, top to bottom:
       --Projector (pixel shuffle + Linear-GELU-Linear)--> image tokens (B, Ni, d)
     CROME: Q-Former(patch features, instruction) (B, Q, Hq) --Linear--> (B, Q, d)
            CROMEAdapter(image tokens, query tokens) -> visual = [image; query] (B, Ni+Q, d)
-    IAA, MWA: visual = image tokens
+    IAA, MWA and the baselines (llava, full): visual = image tokens
     input_ids with an image_mask: the visual tokens are spliced in at the placeholder positions
-    CROME: frozen LLM;  MWA: frozen LLM whose blocks route image/text tokens to their adapters;
-    IAA: the InnerAdaptor's multimodal workflow around the frozen layers.
+    CROME, llava: frozen LLM;  full: the LLM trains;  IAA: the InnerAdaptor's multimodal
+    workflow around the frozen layers;  MWA: frozen LLM whose blocks route image/text tokens
+    to their adapters.
     loss: cross-entropy on the answer tokens only, with logits computed only there.
 
 TRAINABLE says, per design and stage, which components train; everything else is frozen
@@ -31,17 +32,23 @@ from model import generate
 from qformer import mean_pool
 
 DESIGNS = ("crome", "iaa", "mwa")
+BASELINES = ("llava", "full")   # the connector alone; the connector and the whole LLM
+ADAPTERS = DESIGNS + BASELINES
 
 # Which components train, per design and stage (1 pretraining, 2 instruction tuning,
 # 3 task fine-tuning). CROME's rows are the paper's Fig. 3; IAA and MWA follow the same
 # spirit (ours): stage 1 aligns through the connector alone, LLaVA-style; stage 2 adds the
-# design's own modules; stage 3 tunes the design's modules alone.
+# design's own modules; stage 3 tunes the design's modules alone. The baselines: "llava" is
+# LLaVA's architecture with the LLM frozen in every stage (what the adapters add to);
+# "full" is LLaVA-1.5's recipe, the LLM unfrozen after stage 1 (the cost the adapters avoid).
 TRAINABLE = {
     "crome": {1: ("projector", "qformer_proj", "adapter"),
               2: ("projector", "qformer", "qformer_proj", "adapter"),
               3: ("adapter",)},
     "iaa": {1: ("projector",), 2: ("projector", "adapter"), 3: ("adapter",)},
     "mwa": {1: ("projector",), 2: ("projector", "adapter"), 3: ("adapter",)},
+    "llava": {1: ("projector",), 2: ("projector",), 3: ("projector",)},
+    "full": {1: ("projector",), 2: ("projector", "llm"), 3: ("projector", "llm")},
 }
 
 
@@ -102,13 +109,13 @@ class VLM(nn.Module):
 
     def __init__(self, cfg: VLMConfig, llm, vision, qformer=None):
         super().__init__()
-        if cfg.adapter not in DESIGNS:
-            raise ValueError(f"unknown adapter {cfg.adapter!r}: choose one of {', '.join(DESIGNS)}")
+        if cfg.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {cfg.adapter!r}: choose one of {', '.join(ADAPTERS)}")
         self.cfg = cfg
         d, dv = llm.config.n_embd, vision.config.hidden_size
         self.llm, self.vision = llm, vision
         self.projector = Projector(dv, d, cfg.shuffle)
-        self.qformer = self.qformer_proj = None
+        self.qformer = self.qformer_proj = self.adapter = None
         if cfg.adapter == "crome":
             if qformer is None:
                 raise ValueError("CROME needs a Q-Former")
@@ -117,7 +124,7 @@ class VLM(nn.Module):
             self.adapter = CROMEAdapter(d, cfg.crome)
         elif cfg.adapter == "iaa":
             self.adapter = InnerAdaptor(llm, cfg.iaa)
-        else:
+        elif cfg.adapter == "mwa":
             self.adapter = add_mwa_to_llm(llm, cfg.mwa)
         grid = vision.config.image_size // vision.config.patch_size
         if grid % cfg.shuffle:

@@ -30,7 +30,7 @@ from vlm import DESIGNS, TRAINABLE, saved_components
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_DATA = {1: "captions", 2: "vqa", 3: "mc"}
 RUN_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json",
-             "metrics.jsonl", "loss.png")
+             "metrics.jsonl", "loss.png", "result.json")
 LR = 1e-3
 
 
@@ -90,6 +90,8 @@ def check_run_dir(run_dir: Path, design: str, stage: int, steps: int):
     assert (config["train"]["adapter"], config["train"]["stage"]) == (design, stage)
     assert config["vlm"]["adapter"] == design
     assert json.loads((run_dir / "trainer_state.json").read_text())["step"] == steps
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == steps and 0 < result["trainable_params"] < result["total_params"]
     rows = records(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == list(range(steps))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
@@ -115,6 +117,8 @@ def test_stages_chain_and_hand_over_weights(assets, tmp_path, design, main, caps
         if stage > 1:
             previous = tmp_path / design / f"stage{stage - 1}" / "model.safetensors"
             assert f"from {previous}" in log, log
+    trained = json.loads((tmp_path / design / "stage1" / "result.json").read_text())
+    assert trained["trainable_params"] == sum(v.numel() for v in saved[1].values())
     # stage 2 trains every stage-1 component: it starts from stage 1's weights, so after two
     # AdamW steps (each moves a weight by about lr) it is close to them, but not equal
     for k, v in saved[1].items():
@@ -125,6 +129,24 @@ def test_stages_chain_and_hand_over_weights(assets, tmp_path, design, main, caps
     assert_same_tensors({k: v for k, v in saved[3].items() if not k.startswith("adapter.")},
                         {k: v for k, v in saved[2].items() if not k.startswith("adapter.")})
     assert any(not torch.equal(saved[3][k], saved[2][k]) for k in saved[3] if k.startswith("adapter."))
+
+
+def test_baselines_train_what_they_claim(assets, tmp_path, main):
+    """llava: the connector alone over a frozen LLM; full: LLaVA-1.5's recipe, the LLM unfrozen
+    in stage 2, saved in the run and loaded back by eval (its text path is what changed)."""
+    from model import LLM
+    from stages import load_run
+    main(flags(assets, tmp_path, 2, "llava", 2))
+    check_run_dir(tmp_path / "llava" / "stage2", "llava", 2, 2)
+    main(flags(assets, tmp_path, 2, "full", 2, "--lr-llm", "1e-3"))
+    state = weights(tmp_path / "full" / "stage2")
+    assert {k.split(".", 1)[0] for k in state} == {"projector", "llm"}
+    base = LLM.from_pretrained(str(assets["llm"])).state_dict()
+    moved = [k for k, v in base.items() if not torch.equal(state[f"llm.{k}"], v)]
+    assert len(moved) == len(base), f"LLM weights that did not train: {set(base) - set(moved)}"
+    parts = load_run(tmp_path / "full" / "stage2", bf16=False)
+    assert_same_tensors({f"llm.{k}": v for k, v in parts.model.llm.state_dict().items()},
+                        {k: v for k, v in state.items() if k.startswith("llm.")})
 
 
 def test_stage3_without_stage2_exits_clearly(assets, tmp_path, main):
