@@ -16,7 +16,13 @@ Which rows get which metric:
                     ("A".."D" for four options), the highest one chosen. (2) is what
                     lm-eval-style multiple choice does with single-token choices; it never
                     fails to parse, so it separates "knows the answer" from "answers in the
-                    format". The option count is len(row["options"]) when the row has it, else 5.
+                    format". (3) option likelihood: each option's text scored as the answer
+                    to the bare question (the option list and format line removed), summed
+                    log-probability of its tokens and the end-of-turn token; the best one's
+                    letter chosen. (3) asks the model in the form it was instruction-tuned in,
+                    so it also scores a stage-2 model on multiple-choice data. Options come
+                    from the row's "options" field, else are parsed from "(A) x (B) y" in the
+                    question; the option count for (2) is theirs, else 5.
   captions          every other row of a stage-1 run: exact match after normalize_answer.
   open-ended        every other row: normalised exact match (the VQA convention, simplified),
                     overall and per question type (the row's "type" field when present).
@@ -158,12 +164,14 @@ class Answerer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
-    def batch(self, images, questions) -> dict:
-        """The left-padded generation prompts of one batch, on the model's device."""
+    def batch(self, images, questions, answers=None) -> dict:
+        """One batch on the model's device: left-padded generation prompts, or, given answers,
+        right-padded prompt + answer rows with labels on the answers (to score them)."""
         model, tok = self.parts.model, self.parts.tok
-        batch = pad_batch([encode_example(tok, model.cfg.system_prompt, q, None, model.n_visual,
-                                          self.max_len) for q in questions], left=True)
-        del batch["labels"]
+        answers = answers or [None] * len(questions)
+        batch = pad_batch([encode_example(tok, model.cfg.system_prompt, q, a, model.n_visual,
+                                          self.max_len) for q, a in zip(questions, answers)],
+                          left=answers[0] is None)
         batch["pixels"] = self.pixels(images)
         if self.parts.wordpiece is not None:  # CROME: the Q-Former reads the instruction
             batch["instr_ids"], batch["instr_mask"] = self.parts.wordpiece(
@@ -214,6 +222,51 @@ class Answerer:
         return out
 
 
+    @torch.no_grad()
+    def answer_logprobs(self, images, questions, answers) -> list[float]:
+        """Summed log-probability of each answer (its tokens and the end-of-turn token) as the
+        model's reply to its question about its image."""
+        model, out = self.parts.model, []
+        for imgs, qs, ans in self.chunks(images, questions, answers):
+            batch = self.batch(imgs, qs, ans)
+            labels = batch["labels"]                                         # (B, T)
+            at = torch.zeros_like(labels, dtype=torch.bool)
+            at[:, :-1] = labels[:, 1:] != -100            # position t predicts token t+1
+            with self.autocast():
+                logits = model.run_llm(model.embed(batch), batch["image_mask"].long(),
+                                       logits_at=at).float()                # (N, V)
+            targets = labels[:, 1:][at[:, :-1]]                              # (N,)
+            logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]  # (N,)
+            rows = at.nonzero()[:, 0]                                        # (N,)
+            out += torch.zeros(len(qs), device=logp.device).index_add_(0, rows, logp).tolist()
+        return out
+
+    def choose_options(self, images, stems, options) -> list[str]:
+        """Multiple choice by option likelihood: per row, the letter of the option text the
+        model finds most likely as its answer to the bare question (no option list)."""
+        flat = [(img, stem, opt) for img, stem, opts in zip(images, stems, options) for opt in opts]
+        scores = self.answer_logprobs(*map(list, zip(*flat)))
+        out, start = [], 0
+        for opts in options:
+            row = scores[start:start + len(opts)]
+            out.append(MC_LETTERS[row.index(max(row))])
+            start += len(opts)
+        return out
+
+
+def option_texts(sample) -> list[str]:
+    """A multiple-choice row's options: its "options" field, else parsed from "(A) x (B) y"."""
+    if sample.extra.get("options"):
+        return list(sample.extra["options"])
+    found = re.findall(r"\(([A-E])\)\s*(.+?)(?=\s*\([A-E]\)|\n|$)", sample.turns[0][0])
+    return [text.strip() for _, text in found]
+
+
+def question_stem(question: str) -> str:
+    """The question without its option list and answer-format instruction."""
+    return question.split("\nOptions:")[0].split("\nAnswer with")[0]
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -224,11 +277,16 @@ def evaluate(answerer, samples, stage: int) -> tuple[dict, list[dict]]:
     predictions = answerer.generate(images, questions)
     mc = [i for i, s in enumerate(samples) if is_multiple_choice(s)]
     other = sorted(set(range(len(samples))) - set(mc))
-    chosen = {}
+    chosen, by_text = {}, {}
     if mc:
-        n_options = [len(samples[i].extra.get("options") or MC_LETTERS) for i in mc]
+        options = {i: option_texts(samples[i]) for i in mc}
+        n_options = [len(options[i]) or len(MC_LETTERS) for i in mc]
         chosen = dict(zip(mc, answerer.choose_letters([images[i] for i in mc],
                                                       [questions[i] for i in mc], n_options)))
+        listed = [i for i in mc if options[i]]
+        by_text = dict(zip(listed, answerer.choose_options(
+            [images[i] for i in listed], [question_stem(questions[i]) for i in listed],
+            [options[i] for i in listed])))
     metrics = {}
     if other:
         metrics["caption" if stage == 1 else "open_ended"] = score_answers(
@@ -238,6 +296,9 @@ def evaluate(answerer, samples, stage: int) -> tuple[dict, list[dict]]:
         metrics["multiple_choice"] = {
             "letter_extraction": score_answers(mc_samples, [predictions[i] for i in mc], True),
             "letter_likelihood": score_answers(mc_samples, [chosen[i] for i in mc], True)}
+        if by_text:
+            metrics["multiple_choice"]["option_likelihood"] = score_answers(
+                [samples[i] for i in by_text], list(by_text.values()), True)
     dt = time.time() - t0
     metrics["n"], metrics["seconds"] = len(samples), round(dt, 1)
     metrics["samples_per_s"] = round(len(samples) / max(dt, 1e-9), 2)
@@ -249,6 +310,7 @@ def evaluate(answerer, samples, stage: int) -> tuple[dict, list[dict]]:
         records.append({"id": s.id, "image": str(s.image), "question": questions[i],
                         "truth": truth, "prediction": pred, "correct": correct,
                         **({"likelihood_choice": chosen[i]} if i in chosen else {}),
+                        **({"option_choice": by_text[i]} if i in by_text else {}),
                         **{k: s.extra[k] for k in ("type", "answer_text") if k in s.extra}})
     return metrics, records
 

@@ -139,6 +139,39 @@ def test_letter_likelihood_is_a_valid_letter_and_batching_does_not_change_it(run
         assert letter == ev.MC_LETTERS[int(logits[ids[:n]].argmax())]
 
 
+@pytest.mark.parametrize("design", ["iaa", "crome"])
+def test_option_likelihood_is_the_training_loss_and_batching_does_not_change_it(runs, design):
+    parts = load_run(runs[design], "cpu", bf16=False)
+    mc, _ = load_conversations(runs["data"]["mc_test"], runs["data"]["image_root"])
+    mc = mc[:3]
+    images, stems = [s.image for s in mc], [ev.question_stem(s.turns[0][0]) for s in mc]
+    options = [ev.option_texts(s) for s in mc]
+    flat = [(i, q, o) for i, q, opts in zip(images, stems, options) for o in opts]
+    batched = ev.Answerer(parts, batch_size=4).answer_logprobs(*map(list, zip(*flat)))
+    single = ev.Answerer(parts, batch_size=1)
+    for (image, stem, option), logp in zip(flat, batched):
+        batch = single.batch([image], [stem], [option])
+        n_answer = int((batch["labels"] != -100).sum())
+        with torch.no_grad():
+            mean_nll = parts.model(batch).item()          # the training loss on this one row
+        assert logp == pytest.approx(-mean_nll * n_answer, rel=1e-4, abs=1e-4)
+    start, want = 0, []
+    for opts in options:
+        row = batched[start:start + len(opts)]
+        want.append(ev.MC_LETTERS[row.index(max(row))])
+        start += len(opts)
+    assert ev.Answerer(parts, batch_size=5).choose_options(images, stems, options) == want
+
+
+def test_options_and_stem_from_the_question_text():
+    q = "Which is a mammal?\nOptions: (A) shark (B) blue whale (C) trout\nAnswer with the option's letter."
+    sample = Sample("x", None, [(q, "B")], True, {})
+    assert ev.option_texts(sample) == ["shark", "blue whale", "trout"]
+    assert ev.question_stem(q) == "Which is a mammal?"
+    assert ev.option_texts(Sample("y", None, [(q, "B")], True, {"options": ["p", "q"]})) == ["p", "q"]
+    assert ev.option_texts(Sample("z", None, [("What is it?", "B")], True, {})) == []
+
+
 def test_single_image_cli_prints_the_answer(runs, capsys):
     image = next(Path(runs["data"]["image_root"]).glob("test/images/*.png"))
     argv = ["--checkpoint", str(runs["iaa"]), "--image", str(image),
@@ -171,7 +204,7 @@ def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
     assert m["open_ended"]["n"] == 4
     assert {k for k in m["open_ended"] if k.startswith("accuracy_")} == \
         {f"accuracy_{r['type']}" for r in rows[4:]}
-    assert {"letter_extraction", "letter_likelihood"} == set(m["multiple_choice"])
+    assert {"letter_extraction", "letter_likelihood", "option_likelihood"} == set(m["multiple_choice"])
     records = saved["predictions"]
     mc = [r for r in records if "likelihood_choice" in r]
     assert len(mc) == 4
