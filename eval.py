@@ -5,6 +5,7 @@ frozen LLM's text-only perplexity.
     python eval.py --checkpoint runs/crome/stage2                 # easy-vqa test split
     python eval.py --checkpoint runs/crome/stage2 --limit 500     # a fixed random 500 rows
     python eval.py --checkpoint runs/iaa/stage3 --text-ppl        # + text-only perplexity
+    python eval.py --checkpoint runs/crome/stage2 --kind mc       # easy-vqa's multiple choice
     python eval.py --checkpoint runs/crome/stage2 --data my.json --image-root images/
     python eval.py --checkpoint runs/crome/stage2 --image photo.png --prompt "What shape is this?"
 
@@ -414,14 +415,18 @@ def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
     from data.easyvqa import prepare_easyvqa
     from stages import EASYVQA_FILES
     files = prepare_easyvqa()
-    name = f"{EASYVQA_FILES[saved_train['stage']]}_{args.split}"
-    return files[name], files["image_root"], args.split
+    kind = args.kind or EASYVQA_FILES[saved_train["stage"]]
+    name = args.split if kind == EASYVQA_FILES[saved_train["stage"]] else f"{kind}_{args.split}"
+    return files[f"{kind}_{args.split}"], files["image_root"], name
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a stage 1-3 run directory")
     p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--kind", choices=["captions", "vqa", "mc"],
+                   help="which easy-vqa file (default: the one the run's stage trained on); "
+                        "e.g. --kind mc scores a stage-2 model on multiple choice")
     p.add_argument("--data", help="a LLaVA-format JSON to evaluate instead of the run's split")
     p.add_argument("--image-root", help="the folder --data's image paths are relative to")
     p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset (0 = all)")

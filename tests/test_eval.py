@@ -234,3 +234,13 @@ def test_run_val_split_by_default_and_test_split_needs_data(runs):
     assert (runs["crome"] / "eval_val.json").is_file() and (runs["crome"] / "eval_val.png").is_file()
     with pytest.raises(SystemExit, match="pass --data"):
         ev.main(["--checkpoint", str(runs["crome"]), "--split", "test"])
+
+
+def test_kind_picks_the_easyvqa_file_and_names_the_output():
+    path, _, name = ev.eval_data({"data": "", "stage": 2}, ev.parse_args(["--checkpoint", "x"]))
+    assert (path.name, name) == ("vqa_test.json", "test")
+    args = ev.parse_args(["--checkpoint", "x", "--kind", "mc", "--split", "val"])
+    path, _, name = ev.eval_data({"data": "", "stage": 2}, args)
+    assert (path.name, name) == ("mc_val.json", "mc_val")
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--checkpoint", "x", "--kind", "ocr"])
