@@ -361,24 +361,47 @@ def install_signal_handlers():
 
 
 def plot_losses(metrics_file: Path, png: Path):
-    """The training loss curve as a PNG (Pillow only)."""
-    from PIL import Image, ImageDraw
+    """The training loss curve as a PNG."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if len(pts) < 2:
+    plot_curves({"loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]}, png,
+                f"{png.parent}: training loss")
+
+
+CURVE_COLORS = ("navy", "firebrick", "darkgreen", "darkorange", "purple", "teal", "gray")
+
+
+def plot_curves(series: dict, png: Path, title: str, smooth: float = 0.0):
+    """Named (step, value) curves on one chart (Pillow only), optionally smoothed by an
+    exponential moving average with weight `smooth` on the past."""
+    from PIL import Image, ImageDraw
+    curves = {}
+    for name, pts in series.items():
+        ema, out = None, []
+        for step, v in pts:
+            ema = v if ema is None else smooth * ema + (1 - smooth) * v
+            out.append((step, ema))
+        if len(out) >= 2:
+            curves[name] = out
+    if not curves:
         return
     W, H, pad = 640, 360, 40
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
-    (x0, x1), (y0, y1) = (min(p[0] for p in pts), max(p[0] for p in pts)), \
-        (min(p[1] for p in pts), max(p[1] for p in pts))
+    every = [p for pts in curves.values() for p in pts]
+    (x0, x1), (y0, y1) = (min(p[0] for p in every), max(p[0] for p in every)), \
+        (min(p[1] for p in every), max(p[1] for p in every))
     scale = lambda s, v: (pad + (s - x0) / max(1e-9, x1 - x0) * (W - 2 * pad),  # noqa: E731
                           H - pad - (v - y0) / max(1e-9, y1 - y0) * (H - 2 * pad))
     draw.rectangle([pad, pad, W - pad, H - pad], outline="gray")
-    draw.line([scale(s, v) for s, v in pts], fill="navy", width=2)
-    draw.text((pad, 10), f"{png.parent}: training loss", fill="black")
+    for k, (name, pts) in enumerate(curves.items()):
+        color = CURVE_COLORS[k % len(CURVE_COLORS)]
+        draw.line([scale(s, v) for s, v in pts], fill=color, width=2)
+        if len(curves) > 1:
+            draw.text((W - pad - 110, pad + 6 + 12 * k), name, fill=color)
+    draw.text((pad, 10), title, fill="black")
     draw.text((pad, H - pad + 8), f"step {x0} .. {x1}", fill="black")
-    draw.text((W - pad - 140, pad + 4), f"loss {y1:.3f} .. {y0:.3f}", fill="black")
+    draw.text((pad + 4, pad + 4), f"{y1:.3f} .. {y0:.3f}", fill="black")
+    png.parent.mkdir(parents=True, exist_ok=True)
     img.save(png)
 
 

@@ -1,0 +1,129 @@
+"""
+The README's results tables, built from run directories, so no number is typed by hand:
+
+    python report.py                  # reads runs/, prints markdown, writes docs/*.png
+    python report.py --runs /tmp/runs --docs /tmp/docs
+
+Where each number comes from (a missing file leaves its cells "-"):
+  runs/<adapter>/stage2/result.json        trainable parameters, wall time of the run
+  runs/<adapter>/stage2/metrics.jsonl      samples/s and tokens/s at the last logged step
+  runs/<adapter>/stage2/eval_test.json     open-ended test accuracy, per question type;
+                                           text-only perplexity (eval.py --text-ppl)
+  runs/<adapter>/stage2/eval_mc_test.json  multiple choice by option likelihood (--kind mc)
+  runs/<adapter>/stage3/eval_test.json     multiple choice after stage 3, three ways
+  runs/stage0/eval_test.json, runs/retrieval/<adapter>/{result,eval_test}.json   retrieval
+and docs/loss_stage2.png, docs/loss_stage3.png: the runs' training-loss curves on one chart.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from train import plot_curves
+from vlm import ADAPTERS
+
+NAMES = {"crome": "CROME", "iaa": "IAA-8", "mwa": "MWA", "llava": "LLaVA-style (projector only)",
+         "full": "full fine-tuning (LLM unfrozen)"}
+EASYVQA_BASELINE = 0.876   # the easy-vqa package's CNN + LSTM on its test split (its README)
+
+
+def read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def last_logged(run: Path) -> dict:
+    """The last training record of metrics.jsonl (samples/s and tokens/s are run averages)."""
+    if not (run / "metrics.jsonl").is_file():
+        return {}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next((r for r in reversed(rows) if "loss" in r), {})
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x, fmt="{:,}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def dig(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def vqa_table(runs: Path) -> str:
+    head = ("| model | trainable params (stage 2) | stage-2 wall time | samples/s | tokens/s | "
+            "open-ended test acc. (colour / shape / yes-no) | MC by option likelihood, stage 2 | "
+            "MC after stage 3 (letter / letter likelihood / option likelihood) | "
+            "text-only perplexity (base -> model) |\n|---|---:|---:|---:|---:|---|---:|---|---|")
+    rows = [head]
+    for a in ADAPTERS:
+        s2, s3 = runs / a / "stage2", runs / a / "stage3"
+        result, log = read(s2 / "result.json") or {}, last_logged(s2)
+        vqa, mc2, mc3 = read(s2 / "eval_test.json"), read(s2 / "eval_mc_test.json"), \
+            read(s3 / "eval_test.json")
+        oe = dig(vqa, "metrics", "open_ended") or {}
+        per_type = " / ".join(pct(oe.get(f"accuracy_{t}")) for t in ("color", "shape", "yes/no"))
+        mc = dig(mc3, "metrics", "multiple_choice") or {}
+        stage3 = " / ".join(pct(dig(mc, k, "accuracy")) for k in
+                            ("letter_extraction", "letter_likelihood", "option_likelihood"))
+        ppl = dig(vqa, "metrics", "text_ppl")
+        text = "-" if not ppl else f"{ppl['base_llm']:.2f} -> {ppl['text_only']:.2f}"
+        trainable = result.get("trainable_params")
+        share = "" if not trainable else f" ({100 * trainable / result['total_params']:.1f}%)"
+        rows.append(
+            f"| {NAMES[a]} | {num(trainable)}{share} | "
+            f"{num(result.get('wall_s'), '{:.0f} s')} | {num(log.get('samples_per_s'), '{:.1f}')} | "
+            f"{num(log.get('tokens_per_s'), '{:.0f}')} | {pct(oe.get('accuracy'))} ({per_type}) | "
+            f"{pct(dig(mc2, 'metrics', 'multiple_choice', 'option_likelihood', 'accuracy'))} | "
+            f"{stage3} | {text} |")
+    sizes = {dig(read(runs / a / "stage2" / "eval_test.json"), "metrics", "n") for a in ADAPTERS}
+    rows.append(f"\nTest rows per evaluation: {', '.join(str(n) for n in sorted(sizes - {None}))}; "
+                f"the easy-vqa package's CNN+LSTM baseline: {pct(EASYVQA_BASELINE)} open-ended.")
+    return "\n".join(rows)
+
+
+def retrieval_table(runs: Path) -> str:
+    rows = ["| encoder | trainable params | wall time per epoch | image->text R@1 / 5 / 10 | "
+            "text->image R@1 / 5 / 10 |\n|---|---:|---:|---|---|"]
+    for name, run in (("zero-shot (stage 0, frozen)", runs / "stage0"),
+                      ("MWA", runs / "retrieval" / "mwa"), ("full fine-tuning", runs / "retrieval" / "full")):
+        result, ev = read(run / "result.json") or {}, read(run / "eval_test.json")
+        trainable = result.get("trainable_params") if run.name != "stage0" else 0
+        share = "" if not trainable else f" ({100 * trainable / result['total_params']:.1f}%)"
+        cells = []
+        for direction in ("image_to_text", "text_to_image"):
+            r = dig(ev, "metrics", direction) or {}
+            cells.append(" / ".join(pct(r.get(f"R@{k}")) for k in (1, 5, 10)))
+        wall = "-" if run.name == "stage0" else num(result.get("wall_s"), "{:.0f} s")
+        rows.append(f"| {name} | {num(trainable)}{share} | {wall} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def loss_curves(runs: Path, docs: Path):
+    for stage in (2, 3):
+        series = {}
+        for a in ADAPTERS:
+            metrics = runs / a / f"stage{stage}" / "metrics.jsonl"
+            if metrics.is_file():
+                rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+                series[a] = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        plot_curves(series, docs / f"loss_stage{stage}.png",
+                    f"stage {stage} training loss (EMA 0.9), offline default", smooth=0.9)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--docs", default="docs")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    print(vqa_table(runs) + "\n\n" + retrieval_table(runs))
+    loss_curves(runs, Path(args.docs))
+
+
+if __name__ == "__main__":
+    main()
