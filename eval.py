@@ -32,6 +32,8 @@ the KV cache (VLM.generate). Outputs, next to the run by default: eval_<split>.j
 every prediction), eval_<split>.md (the metrics table), eval_<split>.png (16 examples, green =
 right, red = wrong).
 
+--letter-probe: the base LLM alone, text only, told each multiple-choice answer in words:
+does it pick that answer's letter (see letter_probe)?
 --text-ppl: perplexity on TEXT_CORPUS (fixed English sentences written for this file) through
 (a) the base LLM loaded fresh from the run's backbone and (b) the trained model's text-only
 path (model.llm: for IAA the untouched frozen LLM, so (a) == (b) is the design's promise; for
@@ -347,6 +349,27 @@ def text_ppl_report(parts, llm_source: str, bf16: bool) -> dict:
     return report
 
 
+@torch.no_grad()
+def letter_probe(llm_source: str, samples, system_prompt: str = "") -> dict:
+    """Text only, through the base LLM: each multiple-choice row's question preceded by its
+    answer in words ("The answer is red."), answered by letter likelihood. It measures whether
+    the frozen LLM can turn a known answer into its option letter, which every frozen-LLM
+    design relies on in stage 3: the visual tokens can say "red", the letter is the LLM's."""
+    from model import LLM
+    from tokenizer import load_tokenizer
+    llm, tok = LLM.from_pretrained(llm_source).eval(), load_tokenizer(llm_source)
+    letters = [tok.encode(c)[0] for c in MC_LETTERS]
+    choices = []
+    for s in samples:
+        options, (question, truth) = option_texts(s), s.turns[0]
+        told = f"The answer is {options[MC_LETTERS.index(truth.strip())]}.\n{question}"
+        prompt = tok.render_chat([{"role": "system", "content": system_prompt},
+                                  {"role": "user", "content": told}], add_generation_prompt=True)
+        logits = llm(idx=torch.tensor([tok.encode(prompt, allow_special=True)]))[0, -1]  # (V,)
+        choices.append(MC_LETTERS[int(logits[letters[:len(options)]].argmax())])
+    return score_answers(samples, choices, multiple_choice=True)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -438,6 +461,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output prefix (default RUN_DIR/eval_<split>)")
     p.add_argument("--text-ppl", action="store_true", help="also the text-only perplexity")
+    p.add_argument("--letter-probe", action="store_true",
+                   help="also: can the base LLM, told the answer in words, pick its letter?")
     p.add_argument("--image", help="answer --prompt about this one image and exit")
     p.add_argument("--prompt", help="the question for --image")
     p.add_argument("--num-threads", type=int, default=0, help="CPU threads (0 = torch's default)")
@@ -480,6 +505,10 @@ def main(argv=None) -> dict:
     metrics["skipped_multi_turn"] = multi_turn
     if args.text_ppl:
         metrics["text_ppl"] = text_ppl_report(parts, saved["backbones"]["llm"], bf16)
+    probed = [s for s in single if is_multiple_choice(s) and option_texts(s)]
+    if args.letter_probe and probed:
+        metrics["letter_probe"] = letter_probe(saved["backbones"]["llm"], probed,
+                                               parts.model.cfg.system_prompt)
     results = {"checkpoint": str(run), "data": str(data), "dtype": "bf16" if bf16 else "fp32",
                "limit": args.limit, "metrics": metrics, "predictions": records}
     prefix = Path(args.out) if args.out else run / f"eval_{name}"

@@ -194,7 +194,7 @@ def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
     mixed = tmp_path / "mixed.json"
     mixed.write_text(json.dumps(rows + [two_turns]))
     results = ev.main(["--checkpoint", str(runs["iaa"]), "--data", str(mixed),
-                       "--image-root", str(data["image_root"]), "--text-ppl",
+                       "--image-root", str(data["image_root"]), "--text-ppl", "--letter-probe",
                        "--batch-size", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "r"),
                        "--num-threads", "1"])
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -212,6 +212,7 @@ def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
     assert m["multiple_choice"]["letter_likelihood"]["accuracy"] == round(hits / 4, 4)
     open_hits = sum(r["correct"] for r in records if "likelihood_choice" not in r)
     assert m["open_ended"]["accuracy"] == round(open_hits / 4, 4)
+    assert m["letter_probe"]["n"] == 4 and 0 <= m["letter_probe"]["accuracy"] <= 1
     ppl = m["text_ppl"]
     assert ppl["base_llm"] == ppl["text_only"]           # IAA: the text path is the base LLM
     assert math.isfinite(ppl["multimodal_workflow"]) and ppl["multimodal_workflow"] > 1
