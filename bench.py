@@ -12,6 +12,14 @@ Rows (each: ours ms, reference ms, ratio = reference / ours, so > 1 means we are
   llm decode          greedy KV-cache generation, new tokens per second (ratio = ours / ref)
   vit forward         a CLIP ViT-B/16-shaped tower (random weights), 224 px
   qformer forward     a BLIP-2 Q-Former (BERT-base shape, 32 queries) on ViT-B features
+
+    python bench.py --only step    # one training step per adapter (ours only, no reference)
+
+Training-step rows: each design and baseline at stage 2 on the offline default (SmolLM2, the
+offline towers with fresh weights: speed does not depend on their values, real easy-VQA
+batches), in its own process so peak memory is its own: ms per optimizer step, samples/s,
+tokens/s, peak memory (CUDA: max allocated; CPU: the process's peak RSS, weights included)
+and MFU against train.peak_flops, with FLOPs counted as train.py counts them.
 """
 import argparse
 import statistics
@@ -116,14 +124,79 @@ def bench_qformer(dtype, batch):
                                  encoder_hidden_states=feats).last_hidden_state, 3, 1))
 
 
+def bench_step(adapter, dtype, batch_size, folder):
+    """One row: the training step of train.py (forward, backward, AdamW) for `adapter`."""
+    import resource
+    from pathlib import Path
+    import train
+    from stages import VisionPretraining, VLMTask
+    cfg = train.TrainConfig(stage=2, adapter=adapter, out_dir=folder, dtype=dtype,
+                            batch_size=batch_size, compile="no")
+    env = train.Env(cfg)
+    if not (Path(folder) / "stage0" / "qformer" / "model.safetensors").exists():
+        stage0 = train.TrainConfig(stage=0, out_dir=folder)
+        VisionPretraining(stage0, env).finish(Path(folder) / "stage0", env)
+    task = VLMTask(cfg, env)
+    opt = train.make_optimizer(task.param_groups(), cfg.weight_decay, env.device)
+    batches = [task.batch(train.batch_indices(task.n_samples, batch_size, step, 0, 0, 1))
+               for step in range(6)]
+    autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16,  # noqa: E731
+                                      enabled=dtype == "bf16")
+    flops_per_token = train.count_flops(task, batches[0], autocast)
+    task.model.train()
+
+    def step(batch):
+        with autocast():
+            loss = task.loss(task.model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for batch in batches[:2]:
+        step(batch)
+    start = time.perf_counter()
+    for batch in batches[2:]:
+        step(batch)
+    seconds = (time.perf_counter() - start) / (len(batches) - 2)
+    tokens = statistics.mean(task.tokens(b) for b in batches[2:])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if env.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mfu = flops_per_token * tokens / seconds / env.peak_flops
+    print(f"| train step {adapter:<6} | {dtype:<5} | {seconds * 1000:8.0f} | {batch_size / seconds:9.1f} | "
+          f"{tokens / seconds:8.0f} | {peak:8.0f} | {100 * mfu:5.1f}% |", flush=True)
+
+
+def step_rows(dtypes, batch_size):
+    """Every adapter's training-step row, each in a fresh process."""
+    import subprocess
+    import sys
+    import tempfile
+    from vlm import ADAPTERS
+    print(f"\nstage-2 training step, batch {batch_size}\n"
+          "| row | dtype | ms/step | samples/s | tokens/s | peak MB | MFU |\n|---|---|---|---|---|---|---|",
+          flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in dtypes:
+            for adapter in ADAPTERS:
+                subprocess.run([sys.executable, __file__, "--step-row", adapter, "--dtypes", dtype,
+                                "--step-batch", str(batch_size), "--folder", folder], check=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["llm", "vit", "qformer"], action="append")
+    p.add_argument("--only", choices=["llm", "vit", "qformer", "step"], action="append")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--step-batch", type=int, default=16, help="training-step rows: batch size")
+    p.add_argument("--step-row", help=argparse.SUPPRESS)   # one step row, in a child process
+    p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
-    rows = args.only or ["llm", "vit", "qformer"]
+    if args.step_row:
+        return bench_step(args.step_row, args.dtypes[0], args.step_batch, args.folder)
+    rows = args.only or ["llm", "vit", "qformer", "step"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| row | dtype | ours | reference | unit | ratio |\n|---|---|---|---|---|---|")
     for name in args.dtypes:
@@ -134,6 +207,8 @@ def main():
             bench_vit(dtype, args.batch)
         if "qformer" in rows:
             bench_qformer(dtype, args.batch)
+    if "step" in rows:
+        step_rows(args.dtypes, args.step_batch)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ class VisionPretraining(Task):
                                           num_query_tokens=OFFLINE_QUERIES)
         self.model = DualEncoder(vit, qformer, text_pool="mean", clip_loss=True).to(env.device)
         self.model.requires_grad_(False)
-        for module in (vit, self.model.vision_proj, self.model.text_proj):
+        for module in (vit, self.model.vision_proj, self.model.text_proj, self.model.cls_proj):
             module.requires_grad_(True)
         self.model.logit_scale.requires_grad_(True)
         qformer.query_way_requires_grad_(True)

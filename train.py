@@ -81,7 +81,7 @@ class TrainConfig:
 
 
 # Steps and per-device batch for each stage on the offline preset, sized for a 2-core CPU.
-STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32), 1: dict(steps=150, batch_size=16),
+STAGE_DEFAULTS = {0: dict(steps=1500, batch_size=32), 1: dict(steps=150, batch_size=16),
                   2: dict(steps=320, batch_size=16), 3: dict(steps=200, batch_size=16)}
 
 
@@ -148,8 +148,10 @@ def train(cfg: TrainConfig, task, env) -> dict:
             f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} processes | "
             f"trainable {task.n_trainable():,} of {sum(p.numel() for p in model.parameters()):,} "
             f"parameters | {env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
-    flops_per_token = count_flops(task, task.batch(batch_indices(task.n_samples, cfg.batch_size,
-                                                                0, cfg.seed, 0, 1)))
+    autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16,  # noqa: E731
+                                      enabled=cfg.dtype == "bf16")
+    first = task.batch(batch_indices(task.n_samples, cfg.batch_size, 0, cfg.seed, 0, 1))
+    flops_per_token = count_flops(task, first, autocast)
     stop = install_signal_handlers()
     t0, tokens_seen, samples_seen, flops_done = time.time(), 0, 0, 0.0
     model.train()
@@ -161,7 +163,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
             indices = batch_indices(task.n_samples, global_batch, step, cfg.seed,
                                     micro * env.world + env.rank, cfg.grad_accum * env.world)
             batch = task.batch(indices)
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+            with autocast():
                 loss = task.loss(step_fn, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
@@ -220,7 +222,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
     return result
 
 
-def count_flops(task, batch) -> float:
+def count_flops(task, batch, autocast) -> float:
     """Training FLOPs per token, counted (torch's FlopCounterMode: every matmul and attention
     of one forward and backward on a real batch) rather than estimated: frozen weights cost no
     weight gradients, and each component sees its own number of tokens. Model state, gradients
@@ -229,7 +231,9 @@ def count_flops(task, batch) -> float:
     was_training = task.model.training
     task.model.eval()
     with torch.random.fork_rng(), FlopCounterMode(display=False) as counter:
-        task.loss(task.model, batch).backward()
+        with autocast():
+            loss = task.loss(task.model, batch)
+        loss.backward()
     for p in task.trainable_parameters():
         p.grad = None
     task.model.train(was_training)

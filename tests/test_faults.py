@@ -559,13 +559,14 @@ def test_failed_checkpoint_save_resumes_from_the_previous_one(assets, runs, tmp_
 
 
 def nan_at(monkeypatch, step):
-    """The task's loss is NaN at training step `step` (counting loss calls; 1 per step here)."""
+    """The task's loss is NaN at training step `step`, counting loss calls: one before training
+    (train.count_flops), then one per step here."""
     calls, real = Counter(), stages.VLMTask.loss
 
     def loss(self, fn, batch):
         calls["n"] += 1
         value = real(self, fn, batch)
-        return value * float("nan") if calls["n"] == step + 1 else value
+        return value * float("nan") if calls["n"] == step + 2 else value
     monkeypatch.setattr(stages.VLMTask, "loss", loss)
 
 
