@@ -503,8 +503,8 @@ def subset(rows, limit):
 def retrieval_main(args, run, saved, device) -> dict:
     """Retrieval metrics of a stage-0 or retrieval run on its captions split, written to disk."""
     from stages import complete_captions, load_retrieval_run
-    if args.image or args.text_ppl:
-        raise SystemExit("--image/--prompt and --text-ppl are for stage 1-3 runs")
+    if args.image or args.text_ppl or args.kind not in (None, "captions"):
+        raise SystemExit("--image/--prompt, --text-ppl and --kind vqa/mc are for stage 1-3 runs")
     model, processor, wordpiece = load_retrieval_run(run, device)
     data, root, name = eval_data(saved["train"], args)
     samples = subset(complete_captions(load_conversations(data, root)[0]), args.limit)

@@ -157,7 +157,7 @@ def test_recall_at_k_with_several_right_candidates_and_ties():
     (["--task", "retrieval", "--adapter", "crome"],
      "--task retrieval trains --adapter mwa or --adapter full (full fine-tuning), not crome"),
     (["--task", "retrieval"], "not crome"),  # the VQA default design does not carry over
-    (["--adapter", "full"], "--adapter full is the retrieval baseline: pass --task retrieval"),
+    (["--task", "retrieval", "--adapter", "llava"], "not llava"),
     (["--task", "itm"], "argument --task: invalid choice: 'itm'"),
 ])
 def test_bad_flags_exit_clearly(argv, message, capsys):
