@@ -1,6 +1,6 @@
 """
-Evaluation: answer accuracy on a run's test split, one question about your own image, and the
-frozen LLM's text-only perplexity.
+Evaluation: answer accuracy on a run's test split, one question about your own image, the
+frozen LLM's text-only perplexity, and image-text retrieval for stage-0 / retrieval runs.
 
     python eval.py --checkpoint runs/crome/stage2                 # easy-vqa test split
     python eval.py --checkpoint runs/crome/stage2 --limit 500     # a fixed random 500 rows
@@ -8,6 +8,7 @@ frozen LLM's text-only perplexity.
     python eval.py --checkpoint runs/crome/stage2 --kind mc       # easy-vqa's multiple choice
     python eval.py --checkpoint runs/crome/stage2 --data my.json --image-root images/
     python eval.py --checkpoint runs/crome/stage2 --image photo.png --prompt "What shape is this?"
+    python eval.py --checkpoint runs/retrieval/mwa                # R@1/5/10 (also runs/stage0)
 
 Which rows get which metric:
   multiple choice   rows whose answer is one letter A-E (easy-vqa's mc files, ScienceQA-style
@@ -38,6 +39,12 @@ does it pick that answer's letter (see letter_probe)?
 (a) the base LLM loaded fresh from the run's backbone and (b) the trained model's text-only
 path (model.llm: for IAA the untouched frozen LLM, so (a) == (b) is the design's promise; for
 MWA the LLM with the text-way adapters). For IAA also (c) the multimodal workflow on text.
+
+Retrieval (a stage-0 run dir: its dual encoder as is, the frozen zero-shot baseline; or a
+`train.py --task retrieval` run dir): easy-vqa's complete captions of the split
+(stages.complete_captions), R@1/5/10 both ways (evaluate_retrieval), and the fraction of the
+encoder's parameters the run trained (0 for a stage-0 run: no retrieval training). Outputs:
+eval_retrieval_<split>.{json,md,png}, the PNG with each image's top-1 caption.
 """
 import argparse
 import json
@@ -137,12 +144,47 @@ def score_answers(samples, predictions, multiple_choice=False) -> dict:
 
 
 def recall_at_k(sim: torch.Tensor, truth: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """Retrieval recall: sim (Nq, Nc) query-candidate scores, truth (Nq,) the right candidate's
-    index. A query's rank is the number of candidates scoring >= its right one, so ties count
-    pessimistically (a constant scorer gets R@1 = 0, not a lucky 1)."""
-    right = sim.gather(1, truth[:, None])                  # (Nq, 1)
-    rank = (sim >= right).sum(1)                           # (Nq,), 1 = best
+    """Retrieval recall: sim (Nq, Nc) query-candidate scores; truth the right candidates, either
+    (Nq,) one index per query or an (Nq, Nc) bool mask (one or more per query: a hit at K is any
+    right one in the top K). A query's rank is 1 + the number of wrong candidates scoring >= its
+    best right one, so ties count pessimistically (a constant scorer gets R@1 = 0, not a lucky
+    1), while other right candidates never push it down."""
+    if truth.dim() == 1:
+        truth = F.one_hot(truth, sim.shape[1]).bool()       # (Nq, Nc)
+    if not truth.any(1).all():
+        raise ValueError("recall_at_k: a query has no right candidate")
+    best = sim.masked_fill(~truth, -math.inf).amax(1, keepdim=True)    # (Nq, 1)
+    rank = 1 + ((sim >= best) & ~truth).sum(1)                          # (Nq,), 1 = best
     return {f"R@{k}": round(float((rank <= k).float().mean()), 4) for k in ks}
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, wordpiece, pixels, samples, batch_size=64) -> tuple[dict, list[dict]]:
+    """R@1/5/10 of a DualEncoder (eval mode) on captioned images, one caption per sample:
+    image -> text ranks the split's distinct captions for each image (its own caption right);
+    text -> image ranks every image for each distinct caption (all images with that caption
+    right: easy-vqa repeats captions). Similarity: the DualEncoder's (best query per pair).
+    Returns the metrics and one record per image with its top-1 caption."""
+    from stages import CAPTION_TOKENS
+    t0 = time.time()
+    device = model.logit_scale.device
+    captions = sorted({s.turns[0][1] for s in samples})
+    ids, mask = wordpiece(captions, max_length=CAPTION_TOKENS)
+    text = model.text_features(model.text_pooled(ids.to(device), mask.to(device)))   # (C, E)
+    queries = torch.cat([model.image_features(pixels([s.image for s in samples[i:i + batch_size]])
+                                              .to(device))[0]
+                         for i in range(0, len(samples), batch_size)])                # (N, Q, E)
+    sim = model.similarity(queries, text)                                              # (N, C)
+    truth = torch.tensor([captions.index(s.turns[0][1]) for s in samples], device=device)
+    same = truth[None, :] == torch.arange(len(captions), device=device)[:, None]       # (C, N)
+    dt = time.time() - t0
+    metrics = {"image_to_text": recall_at_k(sim, truth), "text_to_image": recall_at_k(sim.t(), same),
+               "n_images": len(samples), "n_captions": len(captions), "seconds": round(dt, 1)}
+    top = sim.argmax(1).tolist()
+    records = [{"id": s.id, "image": str(s.image), "question": "image -> caption",
+                "truth": s.turns[0][1], "prediction": captions[j], "correct": captions[j] == s.turns[0][1]}
+               for s, j in zip(samples, top)]
+    return metrics, records
 
 
 def is_multiple_choice(sample) -> bool:
@@ -436,16 +478,18 @@ def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
                              f"{args.split} file: pass --data FILE --image-root DIR")
         return Path(saved_train["val_data"]), Path(saved_train["image_root"]), args.split
     from data.easyvqa import prepare_easyvqa
-    from stages import EASYVQA_FILES
+    from stages import easyvqa_kind
     files = prepare_easyvqa()
-    kind = args.kind or EASYVQA_FILES[saved_train["stage"]]
-    name = args.split if kind == EASYVQA_FILES[saved_train["stage"]] else f"{kind}_{args.split}"
+    default = easyvqa_kind(saved_train)
+    kind = args.kind or default
+    name = args.split if kind == default else f"{kind}_{args.split}"
     return files[f"{kind}_{args.split}"], files["image_root"], name
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a stage 1-3 run directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a stage 1-3 run directory, or a stage-0 / retrieval one for retrieval")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--kind", choices=["captions", "vqa", "mc"],
                    help="which easy-vqa file (default: the one the run's stage trained on); "
@@ -474,6 +518,36 @@ def parse_args(argv=None):
     return args
 
 
+def subset(rows, limit):
+    """A fixed random `limit` rows, in their order (all when limit is 0 or covers them)."""
+    if not limit or limit >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), limit))]
+
+
+def retrieval_main(args, run, saved, device) -> dict:
+    """Retrieval metrics of a stage-0 or retrieval run on its captions split, written to disk."""
+    from stages import complete_captions, load_retrieval_run
+    if args.image or args.text_ppl or args.kind not in (None, "captions"):
+        raise SystemExit("--image/--prompt, --text-ppl and --kind vqa/mc are for stage 1-3 runs")
+    model, processor, wordpiece = load_retrieval_run(run, device)
+    data, root, name = eval_data(saved["train"], args)
+    samples = subset(complete_captions(load_conversations(data, root)[0]), args.limit)
+    print(f"evaluating {run} on {data}: retrieval over {len(samples)} images", flush=True)
+    metrics, records = evaluate_retrieval(model, wordpiece, ImageCache(processor), samples,
+                                          args.batch_size)
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics |= {"trainable_params": trained, "total_params": total,
+                "trainable_fraction": round(trained / total, 6)}
+    results = {"checkpoint": str(run), "data": str(data), "dtype": "fp32", "limit": args.limit,
+               "metrics": metrics, "predictions": records}
+    paths = write_outputs(results, Path(args.out) if args.out else run / f"eval_retrieval_{name}")
+    print(json.dumps(metrics, indent=1))
+    print("wrote " + ", ".join(map(str, paths)))
+    return results
+
+
 def main(argv=None) -> dict:
     """Returns {"answer": str} for --image, else the results written to disk."""
     from checkpoint import read_config
@@ -485,6 +559,8 @@ def main(argv=None) -> dict:
                           "cuda" if torch.cuda.is_available() else "cpu")
     run = Path(args.checkpoint)
     saved = read_config(run)
+    if saved["train"].get("task", "vqa") == "retrieval" or saved["train"]["stage"] == 0:
+        return retrieval_main(args, run, saved, device)
     default = saved["train"]["dtype"] if device.type == "cuda" else "fp32"
     bf16 = (args.dtype or default) == "bf16"
     parts = load_run(run, device, bf16)
@@ -497,9 +573,7 @@ def main(argv=None) -> dict:
     samples, _ = load_conversations(data, root)
     single = [s for s in samples if len(s.turns) == 1]
     multi_turn = len(samples) - len(single)
-    if args.limit and args.limit < len(single):
-        keep = sorted(random.Random(0).sample(range(len(single)), args.limit))
-        single = [single[i] for i in keep]
+    single = subset(single, args.limit)
     print(f"evaluating {run} on {data}: {len(single)} rows", flush=True)
     metrics, records = evaluate(answerer, single, saved["train"]["stage"])
     metrics["skipped_multi_turn"] = multi_turn

