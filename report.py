@@ -11,11 +11,14 @@ Where each number comes from (a missing file leaves its cells "-"):
                                            text-only perplexity (eval.py --text-ppl)
   runs/<adapter>/stage2/eval_mc_test.json  multiple choice by option likelihood (--kind mc)
   runs/<adapter>/stage3/eval_test.json     multiple choice after stage 3, three ways
-  runs/stage0/eval_test.json, runs/retrieval/<adapter>/{result,eval_test}.json   retrieval
-and docs/loss_stage2.png, docs/loss_stage3.png: the runs' training-loss curves on one chart.
+  runs/stage0, runs/retrieval/<adapter>: eval_retrieval_test.json (R@K, trainable share),
+                                           metrics.jsonl (training time of the one epoch)
+and docs/loss_stage2.png, docs/loss_stage3.png (the runs' training-loss curves on one chart),
+docs/answers_<adapter>_stage2.png (eval.py's grid of test answers).
 """
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from train import plot_curves
@@ -87,23 +90,29 @@ def vqa_table(runs: Path) -> str:
 
 
 def retrieval_table(runs: Path) -> str:
-    rows = ["| encoder | trainable params | wall time per epoch | image->text R@1 / 5 / 10 | "
-            "text->image R@1 / 5 / 10 |\n|---|---:|---:|---|---|"]
+    rows = ["| encoder | trainable params | training time per epoch | samples/s | "
+            "image->text R@1 / 5 / 10 | text->image R@1 / 5 / 10 |\n|---|---:|---:|---:|---|---|"]
     for name, run in (("zero-shot (stage 0, frozen)", runs / "stage0"),
-                      ("MWA", runs / "retrieval" / "mwa"), ("full fine-tuning", runs / "retrieval" / "full")):
-        result, ev = read(run / "result.json") or {}, read(run / "eval_test.json")
-        trainable = result.get("trainable_params") if run.name != "stage0" else 0
-        share = "" if not trainable else f" ({100 * trainable / result['total_params']:.1f}%)"
-        cells = []
-        for direction in ("image_to_text", "text_to_image"):
-            r = dig(ev, "metrics", direction) or {}
-            cells.append(" / ".join(pct(r.get(f"R@{k}")) for k in (1, 5, 10)))
-        wall = "-" if run.name == "stage0" else num(result.get("wall_s"), "{:.0f} s")
-        rows.append(f"| {name} | {num(trainable)}{share} | {wall} | {cells[0]} | {cells[1]} |")
+                      ("MWA", runs / "retrieval" / "mwa"),
+                      ("full fine-tuning", runs / "retrieval" / "full")):
+        metrics = dig(read(run / "eval_retrieval_test.json"), "metrics") or {}
+        trainable = metrics.get("trainable_params")
+        share = f" ({100 * metrics['trainable_fraction']:.1f}%)" if trainable else ""
+        cells = [" / ".join(pct(dig(metrics, d, f"R@{k}")) for k in (1, 5, 10))
+                 for d in ("image_to_text", "text_to_image")]
+        log = {} if run.name == "stage0" else last_logged(run)
+        rows.append(f"| {name} | {num(trainable)}{share} | {num(log.get('elapsed_s'), '{:.0f} s')} | "
+                    f"{num(log.get('samples_per_s'), '{:.1f}')} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows)
 
 
-def loss_curves(runs: Path, docs: Path):
+def figures(runs: Path, docs: Path):
+    """Loss curves per stage, and each stage-2 run's grid of test answers (eval.py's PNG)."""
+    for a in ADAPTERS:
+        grid = runs / a / "stage2" / "eval_test.png"
+        if grid.is_file():
+            docs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, docs / f"answers_{a}_stage2.png")
     for stage in (2, 3):
         series = {}
         for a in ADAPTERS:
@@ -122,7 +131,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs = Path(args.runs)
     print(vqa_table(runs) + "\n\n" + retrieval_table(runs))
-    loss_curves(runs, Path(args.docs))
+    figures(runs, Path(args.docs))
 
 
 if __name__ == "__main__":
