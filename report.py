@@ -11,6 +11,7 @@ Where each number comes from (a missing file leaves its cells "-"):
                                            text-only perplexity (eval.py --text-ppl)
   runs/<adapter>/stage2/eval_mc_test.json  multiple choice by option likelihood (--kind mc)
   runs/<adapter>/stage3/eval_test.json     multiple choice after stage 3, three ways
+  easy-vqa's own files                     the question-only (blind) baseline row
   runs/stage0, runs/retrieval/<adapter>: eval_retrieval_test.json (R@K, trainable share),
                                            metrics.jsonl (training time of the one epoch)
 and docs/loss_stage2.png, docs/loss_stage3.png (the runs' training-loss curves on one chart),
@@ -19,6 +20,7 @@ docs/answers_<adapter>_stage2.png (eval.py's grid of test answers).
 import argparse
 import json
 import shutil
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from train import plot_curves
@@ -57,6 +59,25 @@ def dig(d, *keys):
     return d
 
 
+def blind_baseline() -> dict:
+    """The question-only ("blind") VQA baseline: each easy-vqa test question gets the answer
+    its exact text most often has in training, without looking at the image; scored as eval.py
+    scores open-ended answers. It measures how much of a score the language prior alone earns."""
+    from data.dataset import load_conversations
+    from data.easyvqa import prepare_easyvqa
+    from eval import score_answers
+    files = prepare_easyvqa()
+    train = load_conversations(files["vqa_train"], files["image_root"])[0]
+    test = load_conversations(files["vqa_test"], files["image_root"])[0]
+    answers = defaultdict(Counter)
+    for sample in train:
+        answers[sample.turns[0][0]][sample.turns[0][1]] += 1
+    fallback = Counter(s.turns[0][1] for s in train).most_common(1)[0][0]
+    guesses = [answers[s.turns[0][0]].most_common(1)[0][0] if s.turns[0][0] in answers
+               else fallback for s in test]
+    return score_answers(test, guesses)
+
+
 def vqa_table(runs: Path) -> str:
     head = ("| model | trainable params (stage 2) | stage-2 wall time | samples/s | tokens/s | "
             "open-ended test acc. (colour / shape / yes-no) | MC by option likelihood, stage 2 | "
@@ -83,6 +104,10 @@ def vqa_table(runs: Path) -> str:
             f"{num(log.get('tokens_per_s'), '{:.0f}')} | {pct(oe.get('accuracy'))} ({per_type}) | "
             f"{pct(dig(mc2, 'metrics', 'multiple_choice', 'option_likelihood', 'accuracy'))} | "
             f"{stage3} | {text} |")
+    blind = blind_baseline()
+    rows.append(f"| question only (blind), the whole test split | 0 | - | - | - | "
+                f"{pct(blind['accuracy'])} ({' / '.join(pct(blind[f'accuracy_{t}']) for t in ('color', 'shape', 'yes/no'))}) "
+                f"| - | - | - |")
     sizes = {dig(read(runs / a / "stage2" / "eval_test.json"), "metrics", "n") for a in ADAPTERS}
     rows.append(f"\nTest rows per evaluation: {', '.join(str(n) for n in sorted(sizes - {None}))}; "
                 f"the easy-vqa package's CNN+LSTM baseline: {pct(EASYVQA_BASELINE)} open-ended.")
