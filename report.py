@@ -146,7 +146,8 @@ def figures(runs: Path, docs: Path):
                 rows = [json.loads(line) for line in metrics.read_text().splitlines()]
                 series[a] = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         plot_curves(series, docs / f"loss_stage{stage}.png",
-                    f"stage {stage} training loss (EMA 0.6), offline default", smooth=0.6)
+                    f"stage {stage} training loss (EMA 0.6), offline default", smooth=0.6,
+                    log_y=True)
 
 
 def main(argv=None):

@@ -403,9 +403,10 @@ def plot_losses(metrics_file: Path, png: Path):
 CURVE_COLORS = ("navy", "firebrick", "darkgreen", "darkorange", "purple", "teal", "gray")
 
 
-def plot_curves(series: dict, png: Path, title: str, smooth: float = 0.0):
+def plot_curves(series: dict, png: Path, title: str, smooth: float = 0.0, log_y: bool = False):
     """Named (step, value) curves on one chart (Pillow only), optionally smoothed by an
-    exponential moving average with weight `smooth` on the past."""
+    exponential moving average with weight `smooth` on the past, on a log y axis if asked
+    (values must then be positive)."""
     from PIL import Image, ImageDraw
     curves = {}
     for name, pts in series.items():
@@ -423,8 +424,9 @@ def plot_curves(series: dict, png: Path, title: str, smooth: float = 0.0):
     every = [p for pts in curves.values() for p in pts]
     (x0, x1), (y0, y1) = (min(p[0] for p in every), max(p[0] for p in every)), \
         (min(p[1] for p in every), max(p[1] for p in every))
+    f = math.log if log_y else (lambda v: v)
     scale = lambda s, v: (pad + (s - x0) / max(1e-9, x1 - x0) * (W - 2 * pad),  # noqa: E731
-                          H - pad - (v - y0) / max(1e-9, y1 - y0) * (H - 2 * pad))
+                          H - pad - (f(v) - f(y0)) / max(1e-9, f(y1) - f(y0)) * (H - 2 * pad))
     draw.rectangle([pad, pad, W - pad, H - pad], outline="gray")
     for k, (name, pts) in enumerate(curves.items()):
         color = CURVE_COLORS[k % len(CURVE_COLORS)]
@@ -433,7 +435,8 @@ def plot_curves(series: dict, png: Path, title: str, smooth: float = 0.0):
             draw.text((W - pad - 110, pad + 6 + 12 * k), name, fill=color)
     draw.text((pad, 10), title, fill="black")
     draw.text((pad, H - pad + 8), f"step {x0} .. {x1}", fill="black")
-    draw.text((pad + 4, pad + 4), f"{y1:.3f} .. {y0:.3f}", fill="black")
+    draw.text((pad + 4, pad + 4), f"{y1:.3f} .. {y0:.3f}{' (log scale)' if log_y else ''}",
+              fill="black")
     png.parent.mkdir(parents=True, exist_ok=True)
     img.save(png)
 
