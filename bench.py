@@ -140,13 +140,11 @@ def bench_step(adapter, dtype, batch_size, folder):
     opt = train.make_optimizer(task.param_groups(), cfg.weight_decay, env.device)
     batches = [task.batch(train.batch_indices(task.n_samples, batch_size, step, 0, 0, 1))
                for step in range(6)]
-    autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16,  # noqa: E731
-                                      enabled=dtype == "bf16")
-    flops_per_token = train.count_flops(task, batches[0], autocast)
+    flops_per_token = train.count_flops(task, batches[0], env.autocast)
     task.model.train()
 
     def step(batch):
-        with autocast():
+        with env.autocast():
             loss = task.loss(task.model, batch)
         loss.backward()
         opt.step()

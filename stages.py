@@ -127,6 +127,12 @@ def offline_dual_encoder(vit_config, clip_loss: bool):
             WordPieceTokenizer.from_pretrained(minilm_folder()))
 
 
+def image_tokens(model) -> int:
+    """Tokens a DualEncoder's towers process per image: ViT patches, class token, queries."""
+    vit = model.vision.config
+    return (vit.image_size // vit.patch_size) ** 2 + 1 + model.qformer.config.num_query_tokens
+
+
 def stage0_trainable_(model):
     """What stage 0 trains and saves: the ViT, the Q-Former's query way, the projections (the
     class token's too, when the model has one) and the temperature. The MiniLM text way stays
@@ -173,12 +179,7 @@ class VisionPretraining(Task):
         caption_ids = torch.tensor([self.captions.index(s.turns[0][1]) for s in chosen],
                                    device=self.env.device)
         return {"pixels": self.pixels([s.image for s in chosen]).to(self.env.device),
-                "caption_ids": caption_ids, "tokens": len(chosen) * self.image_tokens()}
-
-    def image_tokens(self):
-        """Tokens the towers process per image: ViT patches (+ class token) and the queries."""
-        vit = self.model.vision.config
-        return (vit.image_size // vit.patch_size) ** 2 + 1 + self.model.qformer.config.num_query_tokens
+                "caption_ids": caption_ids, "tokens": len(chosen) * image_tokens(self.model)}
 
     def loss(self, fn, batch):
         return fn(batch["pixels"], self.text_pooled[batch["caption_ids"]], batch["caption_ids"])
@@ -487,13 +488,11 @@ class RetrievalTask(Task):
         chosen = [self.samples[i] for i in indices]
         texts = [s.turns[0][1] for s in chosen]
         ids, mask = self.wordpiece(texts, max_length=CAPTION_TOKENS)      # (B, T)
-        vit, q = self.model.vision.config, self.model.qformer.config
-        image_tokens = (vit.image_size // vit.patch_size) ** 2 + 1 + q.num_query_tokens
         dev = self.env.device
         return {"pixels": self.pixels([s.image for s in chosen]).to(dev),
                 "text_ids": ids.to(dev), "text_mask": mask.to(dev),
                 "caption_ids": torch.tensor([self.captions.index(t) for t in texts], device=dev),
-                "tokens": len(chosen) * image_tokens + int(mask.sum())}
+                "tokens": len(chosen) * image_tokens(self.model) + int(mask.sum())}
 
     def loss(self, fn, batch):
         return fn(batch["pixels"], (batch["text_ids"], batch["text_mask"]), batch["caption_ids"])

@@ -177,10 +177,8 @@ def train(cfg: TrainConfig, task, env) -> dict:
             f"trainable {task.n_trainable():,} of {n_params:,} parameters "
             f"({100 * task.n_trainable() / n_params:.2f}%) | "
             f"{env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
-    autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16,  # noqa: E731
-                                      enabled=cfg.dtype == "bf16")
     first = task.batch(batch_indices(task.n_samples, cfg.batch_size, 0, cfg.seed, 0, 1))
-    flops_per_token = count_flops(task, first, autocast)
+    flops_per_token = count_flops(task, first, env.autocast)
     stop = install_signal_handlers()
     t0, tokens_seen, samples_seen, flops_done = time.time(), 0, 0, 0.0
     model.train()
@@ -192,7 +190,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
             indices = batch_indices(task.n_samples, global_batch, step, cfg.seed,
                                     micro * env.world + env.rank, cfg.grad_accum * env.world)
             batch = task.batch(indices)
-            with autocast():
+            with env.autocast():
                 loss = task.loss(step_fn, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
@@ -243,8 +241,7 @@ def train(cfg: TrainConfig, task, env) -> dict:
             sys.exit(130)
     task.finish(out, env)
     result = {"run_dir": str(out), "steps": steps, "wall_s": round(time.time() - t0, 1),
-              "trainable_params": task.n_trainable(),
-              "total_params": sum(p.numel() for p in model.parameters())}
+              "trainable_params": task.n_trainable(), "total_params": n_params}
     if env.rank == 0:
         plot_losses(metrics_file, out / "loss.png")
         save_json(result, out / "result.json")
@@ -466,7 +463,12 @@ class Env:
         self.compile = cfg.compile == "yes" or (cfg.compile == "auto" and self.device.type == "cuda")
         if cfg.dtype == "auto":
             cfg.dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        self.bf16 = cfg.dtype == "bf16"
         self.peak_flops = peak_flops(self.device, cfg.dtype)
+
+    def autocast(self):
+        """bf16 autocast when training in bf16, else a no-op context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def log(self, msg):
         if self.rank == 0:
