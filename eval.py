@@ -29,9 +29,9 @@ Which rows get which metric:
   open-ended        every other row: normalised exact match (the VQA convention, simplified),
                     overall and per question type (the row's "type" field when present).
 Rows with more than one turn are skipped (and counted). Generation is greedy and batched with
-the KV cache (VLM.generate). Outputs, next to the run by default: eval_<split>.json (metrics and
-every prediction), eval_<split>.md (the metrics table), eval_<split>.png (16 examples, green =
-right, red = wrong).
+the KV cache (VLM.generate, through evaluation.answerer.Answerer). Outputs, next to the run by
+default: eval_<split>.json (metrics and every prediction), eval_<split>.md (the metrics table),
+eval_<split>.png (16 examples, green = right, red = wrong).
 
 --letter-probe: the base LLM alone, text only, told each multiple-choice answer in words:
 does it pick that answer's letter (see letter_probe)?
@@ -42,20 +42,20 @@ MWA the LLM with the text-way adapters). For IAA also (c) the multimodal workflo
 
 Retrieval (a stage-0 run dir: its dual encoder as is, the frozen zero-shot baseline; or a
 `train.py --task retrieval` run dir): easy-vqa's complete captions of the split
-(stages.complete_captions), R@1/5/10 both ways (evaluate_retrieval), and the fraction of the
-encoder's parameters the run trained (0 for a stage-0 run: no retrieval training). Outputs:
+(data.easyvqa.complete_captions), R@1/5/10 both ways (evaluate_retrieval), and the fraction of
+the encoder's parameters the run trained (0 for a stage-0 run: no retrieval training). Outputs:
 eval_retrieval_<split>.{json,md,png}, the PNG with each image's top-1 caption.
+
+Where it sits: it loads runs through vlm.load_run / dual_encoder.load_retrieval_run, reads data
+through data/, scores with evaluation/; train.py's validation calls its evaluate_retrieval.
 """
 import argparse
 import json
 import math
 import random
-import re
-import string
 import sys
 import textwrap
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -63,11 +63,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from data.collate import ImageCache, encode_example, pad_batch
+from data.collate import ImageCache
 from data.dataset import load_conversations, load_image
+from data.easyvqa import complete_captions, prepare_easyvqa, training_kind
+from dual_encoder import CAPTION_TOKENS, load_retrieval_run
+from evaluation.answerer import Answerer
+from evaluation.scoring import (MC_LETTERS, extract_letter, is_multiple_choice, normalize_answer,
+                                option_texts, question_stem, recall_at_k, score_answers)
+from model import LLM
+from text.tokenizer import load_tokenizer
+from vlm import load_run
+from weights.checkpoint import read_config, save_json
 
-ARTICLES = {"a", "an", "the"}
-MC_LETTERS = "ABCDE"
 GRID_SIZE = 16
 
 TEXT_CORPUS = (
@@ -104,60 +111,6 @@ TEXT_CORPUS = (
 )
 
 
-# ----------------------------------------------------------------------------- scoring
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (the VQA convention, simplified)."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(w for w in text.split() if w not in ARTICLES)
-
-
-def extract_letter(text: str, n_options: int = 26) -> str | None:
-    """The chosen option's letter, or None. Accepted: a bare letter ('B', 'b', '(b)', 'B.'),
-    a capital letter followed by '.', ':', ')' or ',' ('B) red', 'B. red'), a parenthesised
-    capital with anything after ('(B) red'), and 'the answer is B' anywhere. Refused on
-    purpose: words that start with a capital letter ('Because', 'A red circle': the article
-    'A' is not option A), and lower-case letters inside longer text ('the answer is a dog')."""
-    letters = string.ascii_uppercase[:n_options]
-    bare = re.fullmatch(rf"\s*\(?([{letters}])\)?\.?\s*", text, flags=re.IGNORECASE)
-    if bare:
-        return bare.group(1).upper()
-    m = re.match(rf"\s*(?:\(([{letters}])\)|([{letters}])[.:),])", text) or \
-        re.search(rf"(?i:answer is):?\s*\(?([{letters}])\b", text)
-    return next(g for g in m.groups() if g) if m else None
-
-
-def score_answers(samples, predictions, multiple_choice=False) -> dict:
-    """Accuracy overall and per question type (sample.extra["type"] when present)."""
-    hits, counts = defaultdict(int), defaultdict(int)
-    for sample, pred in zip(samples, predictions):
-        truth = sample.turns[0][1]
-        ok = extract_letter(pred) == truth.strip() if multiple_choice else \
-            normalize_answer(pred) == normalize_answer(truth)
-        kind = sample.extra.get("type")
-        for key in ["all"] + ([kind] if kind else []):
-            hits[key] += ok
-            counts[key] += 1
-    return {"accuracy": round(hits["all"] / max(1, counts["all"]), 4), "n": counts["all"],
-            **{f"accuracy_{k}": round(hits[k] / counts[k], 4) for k in sorted(counts) if k != "all"}}
-
-
-def recall_at_k(sim: torch.Tensor, truth: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """Retrieval recall: sim (Nq, Nc) query-candidate scores; truth the right candidates, either
-    (Nq,) one index per query or an (Nq, Nc) bool mask (one or more per query: a hit at K is any
-    right one in the top K). A query's rank is 1 + the number of wrong candidates scoring >= its
-    best right one, so ties count pessimistically (a constant scorer gets R@1 = 0, not a lucky
-    1), while other right candidates never push it down."""
-    if truth.dim() == 1:
-        truth = F.one_hot(truth, sim.shape[1]).bool()       # (Nq, Nc)
-    if not truth.any(1).all():
-        raise ValueError("recall_at_k: a query has no right candidate")
-    best = sim.masked_fill(~truth, -math.inf).amax(1, keepdim=True)    # (Nq, 1)
-    rank = 1 + ((sim >= best) & ~truth).sum(1)                          # (Nq,), 1 = best
-    return {f"R@{k}": round(float((rank <= k).float().mean()), 4) for k in ks}
-
-
 @torch.no_grad()
 def evaluate_retrieval(model, wordpiece, pixels, samples, batch_size=64) -> tuple[dict, list[dict]]:
     """R@1/5/10 of a DualEncoder (eval mode) on captioned images, one caption per sample:
@@ -165,7 +118,6 @@ def evaluate_retrieval(model, wordpiece, pixels, samples, batch_size=64) -> tupl
     text -> image ranks every image for each distinct caption (all images with that caption
     right: easy-vqa repeats captions). Similarity: the DualEncoder's (best query per pair).
     Returns the metrics and one record per image with its top-1 caption."""
-    from stages import CAPTION_TOKENS
     t0 = time.time()
     device = model.logit_scale.device
     captions = sorted({s.turns[0][1] for s in samples})
@@ -185,131 +137,6 @@ def evaluate_retrieval(model, wordpiece, pixels, samples, batch_size=64) -> tupl
                 "truth": s.turns[0][1], "prediction": captions[j], "correct": captions[j] == s.turns[0][1]}
                for s, j in zip(samples, top)]
     return metrics, records
-
-
-def is_multiple_choice(sample) -> bool:
-    answer = sample.turns[0][1].strip()
-    return len(answer) == 1 and answer in MC_LETTERS
-
-
-# ----------------------------------------------------------------------------- answering
-
-
-class Answerer:
-    """Batched answering with a loaded run (stages.load_run's Parts): greedy KV-cached
-    generation, and the letter-likelihood choice for multiple choice. Prompts are built as in
-    training (data.collate, left padding for generation)."""
-
-    def __init__(self, parts, bf16=False, batch_size=32, max_len=None, max_new_tokens=16):
-        self.parts, self.bf16, self.batch_size = parts, bf16, batch_size
-        self.max_len, self.max_new_tokens = max_len, max_new_tokens
-        self.device = next(parts.model.parameters()).device
-        self.pixels = ImageCache(parts.processor)  # paths (cached) or PIL images -> (B, 3, H, W)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-
-    def batch(self, images, questions, answers=None) -> dict:
-        """One batch on the model's device: left-padded generation prompts, or, given answers,
-        right-padded prompt + answer rows with labels on the answers (to score them)."""
-        model, tok = self.parts.model, self.parts.tok
-        answers = answers or [None] * len(questions)
-        batch = pad_batch([encode_example(tok, model.cfg.system_prompt, q, a, model.n_visual,
-                                          self.max_len) for q, a in zip(questions, answers)],
-                          left=answers[0] is None)
-        batch["pixels"] = self.pixels(images)
-        if self.parts.wordpiece is not None:  # CROME: the Q-Former reads the instruction
-            batch["instr_ids"], batch["instr_mask"] = self.parts.wordpiece(
-                list(questions), max_length=model.cfg.max_instruction_len)
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def chunks(self, *columns):
-        for i in range(0, len(columns[0]), self.batch_size):
-            yield [c[i:i + self.batch_size] for c in columns]
-
-    @torch.no_grad()
-    def generate(self, images, questions) -> list[str]:
-        out = []
-        for imgs, qs in self.chunks(images, questions):
-            with self.autocast():
-                ids = self.parts.model.generate(self.batch(imgs, qs), self.max_new_tokens,
-                                                stop_ids=self.parts.tok.stop_ids)
-            out += [self.parts.tok.decode(row).strip() for row in ids]
-        return out
-
-    def letter_ids(self, n: int) -> list[int]:
-        ids = [self.parts.tok.encode(letter) for letter in MC_LETTERS[:n]]
-        if any(len(i) != 1 for i in ids):
-            raise ValueError(f"option letters are not single tokens for this tokenizer: {ids}")
-        return [i[0] for i in ids]
-
-    @torch.no_grad()
-    def first_token_logits(self, batch) -> torch.Tensor:
-        """Logits of the first answer token, from one prefill -> (B, V)."""
-        model = self.parts.model
-        last = torch.zeros_like(batch["attn_mask"], dtype=torch.bool)
-        last[:, -1] = True
-        return model.run_llm(model.embed(batch), batch["image_mask"].long(),
-                             attn_mask=batch["attn_mask"], logits_at=last).float()
-
-    def choose_letters(self, images, questions, n_options) -> list[str]:
-        """Multiple choice by letter likelihood: per row, the option letter among the first
-        n_options whose token the model scores highest as the first answer token."""
-        ids = self.letter_ids(max(n_options))
-        out = []
-        for imgs, qs, ns in self.chunks(images, questions, list(n_options)):
-            with self.autocast():
-                logits = self.first_token_logits(self.batch(imgs, qs))[:, ids]  # (B, L)
-            n = torch.tensor(ns, device=logits.device)[:, None]                  # (B, 1)
-            allowed = torch.arange(len(ids), device=logits.device) < n           # (B, L)
-            best = logits.masked_fill(~allowed, -math.inf).argmax(-1)            # (B,)
-            out += [MC_LETTERS[i] for i in best.tolist()]
-        return out
-
-
-    @torch.no_grad()
-    def answer_logprobs(self, images, questions, answers) -> list[float]:
-        """Summed log-probability of each answer (its tokens and the end-of-turn token) as the
-        model's reply to its question about its image."""
-        model, out = self.parts.model, []
-        for imgs, qs, ans in self.chunks(images, questions, answers):
-            batch = self.batch(imgs, qs, ans)
-            labels = batch["labels"]                                         # (B, T)
-            at = torch.zeros_like(labels, dtype=torch.bool)
-            at[:, :-1] = labels[:, 1:] != -100            # position t predicts token t+1
-            with self.autocast():
-                logits = model.run_llm(model.embed(batch), batch["image_mask"].long(),
-                                       logits_at=at).float()                # (N, V)
-            targets = labels[:, 1:][at[:, :-1]]                              # (N,)
-            logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]  # (N,)
-            rows = at.nonzero()[:, 0]                                        # (N,)
-            out += torch.zeros(len(qs), device=logp.device).index_add_(0, rows, logp).tolist()
-        return out
-
-    def choose_options(self, images, stems, options) -> list[str]:
-        """Multiple choice by option likelihood: per row, the letter of the option text the
-        model finds most likely as its answer to the bare question (no option list)."""
-        flat = [(img, stem, opt) for img, stem, opts in zip(images, stems, options) for opt in opts]
-        scores = self.answer_logprobs(*map(list, zip(*flat)))
-        out, start = [], 0
-        for opts in options:
-            row = scores[start:start + len(opts)]
-            out.append(MC_LETTERS[row.index(max(row))])
-            start += len(opts)
-        return out
-
-
-def option_texts(sample) -> list[str]:
-    """A multiple-choice row's options: its "options" field, else parsed from "(A) x (B) y"."""
-    if sample.extra.get("options"):
-        return list(sample.extra["options"])
-    found = re.findall(r"\(([A-E])\)\s*(.+?)(?=\s*\([A-E]\)|\n|$)", sample.turns[0][0])
-    return [text.strip() for _, text in found]
-
-
-def question_stem(question: str) -> str:
-    """The question without its option list and answer-format instruction."""
-    return question.split("\nOptions:")[0].split("\nAnswer with")[0]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -375,7 +202,6 @@ def text_perplexity(forward, tok, texts=TEXT_CORPUS, device="cpu") -> float:
 
 def text_ppl_report(parts, llm_source: str, bf16: bool) -> dict:
     """Perplexity through the base LLM (loaded fresh) and the trained model's text paths."""
-    from model import LLM
     model, device = parts.model, next(parts.model.parameters()).device
     base = LLM.from_pretrained(llm_source, dtype=torch.bfloat16 if bf16 else None, device=device)
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -397,8 +223,6 @@ def letter_probe(llm_source: str, samples, system_prompt: str = "") -> dict:
     answer in words ("The answer is red."), answered by letter likelihood. It measures whether
     the frozen LLM can turn a known answer into its option letter, which every frozen-LLM
     design relies on in stage 3: the visual tokens can say "red", the letter is the LLM's."""
-    from model import LLM
-    from tokenizer import load_tokenizer
     llm, tok = LLM.from_pretrained(llm_source).eval(), load_tokenizer(llm_source)
     letters = [tok.encode(c)[0] for c in MC_LETTERS]
     choices = []
@@ -454,7 +278,6 @@ def draw_grid(records, path, size=GRID_SIZE, cell=(224, 184), thumb=112):
 
 
 def write_outputs(results: dict, prefix: Path) -> list[Path]:
-    from checkpoint import save_json
     paths = [prefix.with_name(prefix.name + ext) for ext in (".json", ".md", ".png")]
     save_json(results, paths[0])
     paths[1].write_text(metrics_table(results))
@@ -477,10 +300,8 @@ def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
             raise SystemExit(f"this run trained on {saved_train['data']}, which has no known "
                              f"{args.split} file: pass --data FILE --image-root DIR")
         return Path(saved_train["val_data"]), Path(saved_train["image_root"]), args.split
-    from data.easyvqa import prepare_easyvqa
-    from stages import easyvqa_kind
     files = prepare_easyvqa()
-    default = easyvqa_kind(saved_train)
+    default = training_kind(saved_train)
     kind = args.kind or default
     name = args.split if kind == default else f"{kind}_{args.split}"
     return files[f"{kind}_{args.split}"], files["image_root"], name
@@ -527,7 +348,6 @@ def subset(rows, limit):
 
 def retrieval_main(args, run, saved, device) -> dict:
     """Retrieval metrics of a stage-0 or retrieval run on its captions split, written to disk."""
-    from stages import complete_captions, load_retrieval_run
     if args.image or args.text_ppl or args.kind not in (None, "captions"):
         raise SystemExit("--image/--prompt, --text-ppl and --kind vqa/mc are for stage 1-3 runs")
     model, processor, wordpiece = load_retrieval_run(run, device)
@@ -550,8 +370,6 @@ def retrieval_main(args, run, saved, device) -> dict:
 
 def main(argv=None) -> dict:
     """Returns {"answer": str} for --image, else the results written to disk."""
-    from checkpoint import read_config
-    from stages import load_run
     args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

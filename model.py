@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CheckpointError, load_strict, read_config, read_state_dict, remap,
-                        resolve_checkpoint)
+from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
+                                remap, resolve_checkpoint)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """
 The BLIP-2 / InstructBLIP Querying Transformer (Q-Former), and the BERT pieces it is built from:
-a pure-python WordPiece tokenizer, a BERT encoder (for MiniLM / bert-base-uncased) and `mean_pool`.
+a BERT encoder (for MiniLM / bert-base-uncased) and `mean_pool`.
 
 References: BLIP-2 (Li et al. 2023, sec. 3.1), InstructBLIP (Dai et al. 2023, sec. 2.3), BERT (Devlin et
 al. 2019). The numerics mirror `transformers`' Blip2QFormerModel / InstructBlipQFormerModel / BertModel;
@@ -12,8 +12,6 @@ Image features: BLIP-2 layer-norms the ViT output (vision_model.post_layernorm) 
 That is the vision side's job; `QFormer` takes already-normed `image_embeds`, exactly like
 Blip2QFormerModel's `encoder_hidden_states`.
 """
-import re
-import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,139 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CheckpointError, load_strict, read_config, read_state_dict, remap,
-                        resolve_checkpoint, save_json, save_safetensors)
-
-# ----------------------------------------------------------------------------- WordPiece tokenizer
-
-def _is_whitespace(ch):
-    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
-
-
-def _is_control(ch):
-    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
-
-
-def _is_punctuation(ch):
-    cp = ord(ch)  # every non-alphanumeric ASCII character counts, as in BERT
-    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 \
-        or unicodedata.category(ch).startswith("P")
-
-
-def _is_cjk(ch):
-    cp = ord(ch)
-    return any(lo <= cp <= hi for lo, hi in (
-        (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
-
-
-class WordPieceTokenizer:
-    """BERT's tokenizer (Devlin et al. 2019; google-research/bert tokenization.py): basic tokenization
-    (drop control chars, whitespace-split, lower-case + strip accents, split punctuation and CJK
-    characters), then greedy longest-match-first WordPiece with '##' continuations. Literal special
-    tokens in the text ('[SEP]', ...) are kept whole, as transformers' BertTokenizer does. Accents
-    are stripped when lower-casing unless `strip_accents` says otherwise (BERT's rule)."""
-
-    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-    def __init__(self, vocab: dict[str, int], do_lower_case=True, strip_accents=None, max_word_chars=100):
-        self.vocab, self.do_lower_case, self.max_word_chars = vocab, do_lower_case, max_word_chars
-        self.strip_accents = do_lower_case if strip_accents is None else strip_accents
-        self.inv_vocab = {i: t for t, i in vocab.items()}
-        self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
-        self.cls_id, self.sep_id = vocab["[CLS]"], vocab["[SEP]"]
-        self._present = [t for t in self.specials if t in vocab]
-        self._special_re = re.compile("(" + "|".join(map(re.escape, self._present)) + ")")
-
-    @classmethod
-    def from_pretrained(cls, name_or_path):
-        """vocab.txt (one token a line, id = line number) + tokenizer_config.json if present."""
-        folder = resolve_checkpoint(name_or_path, ("vocab.txt", "tokenizer_config.json"))
-        if not (folder / "vocab.txt").is_file():
-            raise CheckpointError(f"{folder}: vocab.txt missing (the Q-Former's WordPiece vocabulary)")
-        lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        vocab = {tok: i for i, tok in enumerate(lines[:-1] if lines[-1] == "" else lines)}
-        cfg = {}
-        if (folder / "tokenizer_config.json").is_file():
-            cfg = read_config(folder, "tokenizer_config.json")
-        return cls(vocab, cfg.get("do_lower_case", True), cfg.get("strip_accents"))
-
-    def basic_tokenize(self, text: str) -> list[str]:
-        text = "".join(" " if _is_whitespace(c) else c for c in text
-                       if not (ord(c) in (0, 0xFFFD) or _is_control(c)))
-        text = "".join(f" {c} " if _is_cjk(c) else c for c in text)
-        words = []
-        for word in unicodedata.normalize("NFC", text).split():
-            if self.do_lower_case:
-                word = word.lower()
-            if self.strip_accents:  # decompose, drop the combining marks
-                word = unicodedata.normalize("NFD", word)
-                word = "".join(c for c in word if unicodedata.category(c) != "Mn")
-            words.extend(self._split_punctuation(word))
-        return " ".join(words).split()
-
-    @staticmethod
-    def _split_punctuation(word):
-        pieces, start_new = [], True
-        for c in word:
-            if _is_punctuation(c):
-                pieces.append(c)
-                start_new = True
-            elif start_new:
-                pieces.append(c)
-                start_new = False
-            else:
-                pieces[-1] += c
-        return pieces
-
-    def wordpiece(self, word: str) -> list[str]:
-        if len(word) > self.max_word_chars:
-            return ["[UNK]"]
-        pieces, start = [], 0
-        while start < len(word):
-            for end in range(len(word), start, -1):  # longest match first
-                piece = ("##" if start else "") + word[start:end]
-                if piece in self.vocab:
-                    break
-            else:
-                return ["[UNK]"]
-            pieces.append(piece)
-            start = end
-        return pieces
-
-    def tokenize(self, text: str) -> list[str]:
-        tokens = []
-        for part in self._special_re.split(text):
-            if part in self._present:
-                tokens.append(part)
-            else:
-                tokens.extend(p for w in self.basic_tokenize(part) for p in self.wordpiece(w))
-        return tokens
-
-    def encode(self, text: str, max_length: int | None = None) -> list[int]:
-        ids = [self.vocab[t] for t in self.tokenize(text)]
-        if max_length is not None:
-            ids = ids[:max_length - 2]
-        return [self.cls_id] + ids + [self.sep_id]
-
-    def __call__(self, texts: list[str], max_length=128, padding: bool | str = True):
-        """-> input_ids (B, T), attention_mask (B, T), both LongTensor. padding: True / 'longest'
-        pads to the longest text, 'max_length' to max_length, False needs equal lengths."""
-        rows = [self.encode(t, max_length) for t in texts]
-        width = max_length if padding == "max_length" else max(map(len, rows))
-        if not padding and any(len(r) != width for r in rows):
-            raise ValueError("texts encode to different lengths; pass padding=True")
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-        return ids, mask
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        tokens = [self.inv_vocab[int(i)] for i in ids]
-        if skip_special_tokens:
-            tokens = [t for t in tokens if t not in self.specials]
-        return " ".join(tokens).replace(" ##", "")
+from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
+                                remap, resolve_checkpoint, save_json, save_safetensors)
 
 # ----------------------------------------------------------------------------- BERT encoder
 

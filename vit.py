@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import (CheckpointError, load_strict, read_config, read_state_dict, remap,
-                        resolve_checkpoint, save_json, save_safetensors)
+from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
+                                remap, resolve_checkpoint, save_json, save_safetensors)
 
 # What each family's tower looks like; a ViTConfig field left None takes its family's value.
 FAMILIES = {

@@ -16,11 +16,12 @@ the frozen decoder LLM. The data flow, top to bottom:
 TRAINABLE says, per design and stage, which components train; everything else is frozen
 (requires_grad=False, eval mode) and never written to a stage's checkpoint.
 
-DualEncoder is the contrastive image-text model of stage 0 (BLIP-2 stage-1 ITC, to pretrain
-the offline vision tower and the Q-Former's query way) and of MWA's retrieval setting.
+Built from backbones (hub ids or folders) by build_vlm, and back from a run directory by
+load_run.
 """
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,8 +29,13 @@ import torch.nn.functional as F
 
 from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWAConfig,
                       add_mwa_to_llm)
-from model import generate
-from qformer import mean_pool
+from model import LLM, generate
+from qformer import QFormer
+from text.tokenizer import Tokenizer, load_tokenizer
+from text.wordpiece import WordPieceTokenizer
+from vit import ImageProcessor, ViT
+from weights.checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
+                                resolve_checkpoint)
 
 DESIGNS = ("crome", "iaa", "mwa")
 BASELINES = ("llava", "full")   # the connector alone; the connector and the whole LLM
@@ -225,70 +231,53 @@ class VLM(nn.Module):
                         stop_ids=stop_ids, **sampling)
 
 
-# ----------------------------------------------------------------------------- contrastive
+# ----------------------------------------------------------------------------- building and loading
 
 
-class DualEncoder(nn.Module):
-    """Image-text contrastive model: BLIP-2's stage-1 ITC (Li et al. 2023, Sec. 3.2) and the
-    MultiWay-Adapter's retrieval setting. Image side: ViT -> post-LN -> Q-Former query way ->
-    per-query projections; text side: the Q-Former's text way (BERT) pooled -> projection.
-    Similarity = max over queries of the cosine (BLIP-2); symmetric contrastive loss with a
-    learnable temperature initialised to 1/0.07.
-    Ours: (1) captions that repeat within a batch count as positives of each other (soft
-    targets), since small caption sets repeat a lot; (2) text_pool="mean" pools the text way by
-    its mask-aware mean instead of [CLS], for text ways trained as mean-pooled sentence
-    encoders (MiniLM), whose [CLS] barely tells "a red circle" from "a red triangle";
-    (3) clip_loss=True adds CLIP's loss on the ViT's class token, which gives a vision tower
-    trained from scratch a direct gradient (through the Q-Former alone it learned colour but
-    not shape in our runs)."""
-
-    def __init__(self, vision, qformer, embed_dim=256, text_pool="cls", clip_loss=False):
-        super().__init__()
-        if text_pool not in ("cls", "mean"):
-            raise ValueError(f"text_pool must be 'cls' or 'mean', got {text_pool!r}")
-        if clip_loss and not vision.config.class_token:
-            raise ValueError("clip_loss needs a vision tower with a class token")
-        self.vision, self.qformer, self.text_pool = vision, qformer, text_pool
-        h = qformer.config.hidden_size
-        self.vision_proj = nn.Linear(h, embed_dim)
-        self.text_proj = nn.Linear(h, embed_dim)
-        self.cls_proj = nn.Linear(vision.config.hidden_size, embed_dim) if clip_loss else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def image_features(self, pixels):
-        """-> query features (B, Q, E), and class-token features (B, E) or None."""
-        hidden = self.vision.post_layernorm(self.vision(pixels, select_layer=-1))  # (B, N, Dv)
-        queries = F.normalize(self.vision_proj(self.qformer(hidden)), dim=-1)     # (B, Q, E)
-        cls = F.normalize(self.cls_proj(hidden[:, 0]), dim=-1) if self.cls_proj else None
-        return queries, cls
-
-    def text_pooled(self, ids, mask):
-        hidden = self.qformer(None, ids, mask)                             # (B, T, H)
-        return mean_pool(hidden, mask) if self.text_pool == "mean" else hidden[:, 0]
-
-    def text_features(self, pooled):
-        return F.normalize(self.text_proj(pooled), dim=-1)                 # (B, E)
-
-    def similarity(self, query_feats, text_feats):
-        """(Bi, Q, E) x (Bt, E) -> (Bi, Bt): best-matching query per pair."""
-        return torch.einsum("iqe,te->itq", query_feats, text_feats).max(-1).values
-
-    def forward(self, pixels, text, caption_ids):
-        """text: the captions' (ids, mask) (B, T) each, encoded here through the text way, or
-        their pooled output (B, H) cached when the text way is frozen. caption_ids (B,): equal
-        ids mark identical captions."""
-        queries, cls = self.image_features(pixels)
-        text = self.text_features(self.text_pooled(*text) if isinstance(text, tuple) else text)
-        scale = self.logit_scale.exp().clamp(max=100)
-        loss = contrastive_loss(scale * self.similarity(queries, text), caption_ids)
-        if cls is not None:
-            loss = loss + contrastive_loss(scale * cls @ text.t(), caption_ids)
-        return loss
+@dataclass
+class Parts:
+    """A built multimodal model and what feeds it."""
+    model: VLM
+    tok: Tokenizer                        # the LLM's tokenizer
+    wordpiece: WordPieceTokenizer | None  # the Q-Former's (CROME), else None
+    processor: ImageProcessor
 
 
-def contrastive_loss(logits, caption_ids):
-    """Symmetric cross-entropy over a (B, B) image-text logit matrix, with soft targets that
-    spread each row over the captions equal to its own."""
-    same = (caption_ids[:, None] == caption_ids[None, :]).float()
-    targets = same / same.sum(-1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+def build_vlm(vcfg: VLMConfig, llm: str, vision: str, qformer: str | None, bf16: bool,
+              device) -> Parts:
+    """Backbones from hub ids / folders, composed into a VLM (a Q-Former only for CROME). The
+    frozen LLM is stored in bf16 when training in bf16; every component that may train stays
+    fp32 (autocast does the bf16 math)."""
+    llm_model = LLM.from_pretrained(llm, dtype=torch.bfloat16 if bf16 else None)
+    crome = vcfg.adapter == "crome"
+    vlm = VLM(vcfg, llm_model, ViT.from_pretrained(vision),
+              QFormer.from_pretrained(qformer) if crome else None)
+    for name in set(saved_components(vcfg.adapter, 3)) - {"qformer"}:
+        getattr(vlm, name).float()
+    processor_folder = resolve_checkpoint(vision, ("preprocessor_config.json",))
+    processor = ImageProcessor.from_hf(read_config(processor_folder, "preprocessor_config.json"))
+    return Parts(vlm.to(device), load_tokenizer(llm),
+                 WordPieceTokenizer.from_pretrained(qformer) if crome else None, processor)
+
+
+def load_components(model: VLM, state: dict, source: str) -> list[str]:
+    """Load saved component weights ('component.param' keys) strictly; returns the names."""
+    components = sorted({k.split(".", 1)[0] for k in state})
+    keys = [f"{c}.{k}" for c in components for k in getattr(model, c).state_dict()]
+    load_strict(model, state, source, keys=keys)
+    return components
+
+
+def load_run(run_dir, device="cpu", bf16=True) -> Parts:
+    """A trained model back from its run directory (config.json + model.safetensors)."""
+    run_dir = Path(run_dir)
+    saved = read_config(run_dir)
+    if "vlm" not in saved:
+        raise CheckpointError(f"{run_dir}: not a stage 1-3 run directory (config.json has no 'vlm')")
+    parts = build_vlm(VLMConfig.from_dict(saved["vlm"]), **saved["backbones"], bf16=bf16,
+                      device=device)
+    load_components(parts.model, read_safetensors_file(run_dir / "model.safetensors"),
+                    str(run_dir / "model.safetensors"))
+    parts.model.set_stage(saved["train"]["stage"])
+    parts.model.eval()
+    return parts

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from data.dataset import load_image
+from data.dataset import DataError, load_image
 
 IMAGE = "<image>"
 QUESTION = "<question>"  # where the question goes in the rendered template
@@ -67,6 +67,30 @@ def pad_batch(examples: list[Encoded], left: bool = False) -> dict:
     if left:
         out["attn_mask"] = torch.tensor([pad([1] * len(e.input_ids), 0) for e in examples])
     return out
+
+
+def vlm_batch(parts, pixels, images, questions, answers=None, max_len=None, row_ids=None) -> dict:
+    """One batch for a VLM (vlm.Parts: model, tok, wordpiece), on the CPU: left-padded
+    generation prompts, or, given answers, right-padded prompt + answer rows with labels on the
+    answers (training, scoring). pixels: an ImageCache. CROME's Q-Former also reads each
+    question as its instruction. An example that cannot fit max_len is a DataError naming its
+    row (row_ids, else its position)."""
+    model, tok = parts.model, parts.tok
+    answers = answers or [None] * len(questions)
+    encoded = []
+    for i, (question, answer) in enumerate(zip(questions, answers)):
+        try:
+            encoded.append(encode_example(tok, model.cfg.system_prompt, question, answer,
+                                          model.n_visual, max_len))
+        except ValueError as e:
+            row = row_ids[i] if row_ids else f"row {i}"
+            raise DataError(f"sample {row}: {e}; raise --max-len or drop the row") from None
+    batch = pad_batch(encoded, left=answers[0] is None)
+    batch["pixels"] = pixels(images)
+    if parts.wordpiece is not None:
+        batch["instr_ids"], batch["instr_mask"] = parts.wordpiece(
+            list(questions), max_length=model.cfg.max_instruction_len)
+    return batch
 
 
 class ImageCache:

@@ -24,7 +24,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from checkpoint import save_json
+from weights.checkpoint import save_json
 from data.dataset import IMAGE, DataError
 
 SHAPES = ("circle", "rectangle", "triangle")
@@ -32,6 +32,24 @@ COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 CAPTION_PROMPT = "Describe the image."
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGH"
+
+
+# The file family each kind of run trains on: stage 0 and retrieval on captions, 1 captions,
+# 2 open-ended VQA, 3 multiple choice.
+TRAINING_FILES = {0: "captions", 1: "captions", 2: "vqa", 3: "mc", "retrieval": "captions"}
+
+
+def training_kind(train_cfg: dict) -> str:
+    """The easy-vqa file family a run trains on (its train config as a dict)."""
+    task = train_cfg.get("task", "vqa")
+    return TRAINING_FILES[task if task == "retrieval" else train_cfg["stage"]]
+
+
+def complete_captions(samples):
+    """Captions naming both colour and shape: a partial one ("a red shape") would be a false
+    negative for the complete caption of the same image in a contrastive batch."""
+    words = set(COLORS) | set(SHAPES)
+    return [s for s in samples if len(set(s.turns[0][1].split()) & words) == 2]
 
 
 def package_root() -> Path:

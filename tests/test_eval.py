@@ -16,7 +16,10 @@ import eval as ev
 import tiny
 import train
 from data.dataset import Sample, load_conversations
-from stages import load_run
+from evaluation.answerer import Answerer
+from evaluation.scoring import (MC_LETTERS, extract_letter, normalize_answer, option_texts,
+                                question_stem, recall_at_k, score_answers)
+from vlm import load_run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +41,7 @@ def one_thread():
     ("then", "then"), ("", ""),
 ])
 def test_normalize_answer(text, want):
-    assert ev.normalize_answer(text) == want
+    assert normalize_answer(text) == want
 
 
 @pytest.mark.parametrize("text, want", [
@@ -48,12 +51,12 @@ def test_normalize_answer(text, want):
     ("none", None), ("Because", None), ("A red circle", None), ("I think B", None), ("", None),
 ])
 def test_extract_letter(text, want):
-    assert ev.extract_letter(text) == want
+    assert extract_letter(text) == want
 
 
 def test_extract_letter_respects_option_count():
-    assert ev.extract_letter("D", n_options=4) == "D"
-    assert ev.extract_letter("E", n_options=4) is None
+    assert extract_letter("D", n_options=4) == "D"
+    assert extract_letter("E", n_options=4) is None
 
 
 def sample(question, answer, kind=None, **extra):
@@ -64,11 +67,11 @@ def sample(question, answer, kind=None, **extra):
 def test_score_answers_per_type():
     samples = [sample("colour?", "red", "color"), sample("colour?", "blue", "color"),
                sample("shape?", "circle", "shape"), sample("any?", "yes", "yes/no")]
-    got = ev.score_answers(samples, ["Red.", "green", "a circle", "no"])
+    got = score_answers(samples, ["Red.", "green", "a circle", "no"])
     assert got == {"accuracy": 0.5, "n": 4, "accuracy_color": 0.5, "accuracy_shape": 1.0,
                    "accuracy_yes/no": 0.0}
     mc = [sample("q", "B"), sample("q", "A"), sample("q", "C")]
-    assert ev.score_answers(mc, ["(B) red", "Because", "C"], multiple_choice=True) == \
+    assert score_answers(mc, ["(B) red", "Because", "C"], multiple_choice=True) == \
         {"accuracy": round(2 / 3, 4), "n": 3}
 
 
@@ -76,9 +79,9 @@ def test_recall_at_k_counts_ties_pessimistically():
     sim = torch.tensor([[0.9, 0.1, 0.2],     # right one best: rank 1
                         [0.5, 0.5, 0.1],     # tied with another: rank 2
                         [0.3, 0.2, 0.1]])    # right one last: rank 3
-    got = ev.recall_at_k(sim, torch.tensor([0, 1, 2]), ks=(1, 2, 3))
+    got = recall_at_k(sim, torch.tensor([0, 1, 2]), ks=(1, 2, 3))
     assert got == {"R@1": round(1 / 3, 4), "R@2": round(2 / 3, 4), "R@3": 1.0}
-    assert ev.recall_at_k(torch.zeros(4, 4), torch.arange(4), ks=(1, 4)) == {"R@1": 0.0, "R@4": 1.0}
+    assert recall_at_k(torch.zeros(4, 4), torch.arange(4), ks=(1, 4)) == {"R@1": 0.0, "R@4": 1.0}
 
 
 class CharTok:
@@ -130,13 +133,13 @@ def test_letter_likelihood_is_a_valid_letter_and_batching_does_not_change_it(run
     images, questions = [s.image for s in mc], [s.turns[0][0] for s in mc]
     n_options = [len(s.extra["options"]) for s in mc]
     assert len(set(n_options)) > 1 or len({len(q) for q in questions}) > 1  # padding happens
-    batched = ev.Answerer(parts, batch_size=4).choose_letters(images, questions, n_options)
-    single = ev.Answerer(parts, batch_size=1)
+    batched = Answerer(parts, batch_size=4).choose_letters(images, questions, n_options)
+    single = Answerer(parts, batch_size=1)
     ids = single.letter_ids(5)
     for letter, image, question, n in zip(batched, images, questions, n_options):
-        assert letter in ev.MC_LETTERS[:n]
+        assert letter in MC_LETTERS[:n]
         logits = single.first_token_logits(single.batch([image], [question]))[0]  # (V,)
-        assert letter == ev.MC_LETTERS[int(logits[ids[:n]].argmax())]
+        assert letter == MC_LETTERS[int(logits[ids[:n]].argmax())]
 
 
 @pytest.mark.parametrize("design", ["iaa", "crome"])
@@ -144,11 +147,11 @@ def test_option_likelihood_is_the_training_loss_and_batching_does_not_change_it(
     parts = load_run(runs[design], "cpu", bf16=False)
     mc, _ = load_conversations(runs["data"]["mc_test"], runs["data"]["image_root"])
     mc = mc[:3]
-    images, stems = [s.image for s in mc], [ev.question_stem(s.turns[0][0]) for s in mc]
-    options = [ev.option_texts(s) for s in mc]
+    images, stems = [s.image for s in mc], [question_stem(s.turns[0][0]) for s in mc]
+    options = [option_texts(s) for s in mc]
     flat = [(i, q, o) for i, q, opts in zip(images, stems, options) for o in opts]
-    batched = ev.Answerer(parts, batch_size=4).answer_logprobs(*map(list, zip(*flat)))
-    single = ev.Answerer(parts, batch_size=1)
+    batched = Answerer(parts, batch_size=4).answer_logprobs(*map(list, zip(*flat)))
+    single = Answerer(parts, batch_size=1)
     for (image, stem, option), logp in zip(flat, batched):
         batch = single.batch([image], [stem], [option])
         n_answer = int((batch["labels"] != -100).sum())
@@ -158,18 +161,18 @@ def test_option_likelihood_is_the_training_loss_and_batching_does_not_change_it(
     start, want = 0, []
     for opts in options:
         row = batched[start:start + len(opts)]
-        want.append(ev.MC_LETTERS[row.index(max(row))])
+        want.append(MC_LETTERS[row.index(max(row))])
         start += len(opts)
-    assert ev.Answerer(parts, batch_size=5).choose_options(images, stems, options) == want
+    assert Answerer(parts, batch_size=5).choose_options(images, stems, options) == want
 
 
 def test_options_and_stem_from_the_question_text():
     q = "Which is a mammal?\nOptions: (A) shark (B) blue whale (C) trout\nAnswer with the option's letter."
     sample = Sample("x", None, [(q, "B")], True, {})
-    assert ev.option_texts(sample) == ["shark", "blue whale", "trout"]
-    assert ev.question_stem(q) == "Which is a mammal?"
-    assert ev.option_texts(Sample("y", None, [(q, "B")], True, {"options": ["p", "q"]})) == ["p", "q"]
-    assert ev.option_texts(Sample("z", None, [("What is it?", "B")], True, {})) == []
+    assert option_texts(sample) == ["shark", "blue whale", "trout"]
+    assert question_stem(q) == "Which is a mammal?"
+    assert option_texts(Sample("y", None, [(q, "B")], True, {"options": ["p", "q"]})) == ["p", "q"]
+    assert option_texts(Sample("z", None, [("What is it?", "B")], True, {})) == []
 
 
 def test_single_image_cli_prints_the_answer(runs, capsys):
@@ -180,7 +183,7 @@ def test_single_image_cli_prints_the_answer(runs, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert isinstance(got["answer"], str) and printed[-1] == got["answer"]
     parts = load_run(runs["iaa"], "cpu", bf16=False)
-    direct = ev.Answerer(parts, max_len=128, max_new_tokens=4).generate(
+    direct = Answerer(parts, max_len=128, max_new_tokens=4).generate(
         [Image.open(image).convert("RGB")], ["What shape is in the image?"])
     assert direct == [got["answer"]]
 

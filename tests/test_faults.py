@@ -58,20 +58,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import stages
 import tiny
 import train
-from checkpoint import CheckpointError, save_json, save_safetensors
+import training.checkpointing as checkpointing
+import weights.checkpoint as checkpoint
 from data.dataset import DataError
-from eval import Answerer
+from evaluation.answerer import Answerer
 from model import LLM
-from qformer import QFormer, WordPieceTokenizer
-from tokenizer import load_tokenizer
+from qformer import QFormer
+from text.tokenizer import load_tokenizer
+from text.wordpiece import WordPieceTokenizer
 from vit import ViT
+from vlm import VLM
+from weights.checkpoint import CheckpointError, save_json, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = {p.resolve() for p in [*ROOT.glob("*.py"), *(ROOT / "data").glob("*.py")]}
+PROJECT_FILES = {p.resolve() for p in ROOT.rglob("*.py") if "tests" not in p.relative_to(ROOT).parts}
 KIND_OF_DATA = {1: "captions", 2: "vqa", 3: "mc"}
 STEPS, SAVE_EVERY = 4, 2  # the reference run: 4 steps, checkpoints after steps 2 and 4
 
@@ -311,25 +313,23 @@ def test_over_long_prompt_is_cut_and_keeps_its_answer(assets, tmp_path, which):
     data = tmp_path / "long.json"
     data.write_text(json.dumps(long_rows(assets, which)))
     max_len = 64
-    cfg = train.parse_args(flags(assets, tmp_path, 2, "crome", 1, "--max-len", str(max_len),
-                                 data=data, val=data))
     threads = torch.get_num_threads()
-    env = train.Env(cfg)
-    task = stages.build_task(cfg, env)
-    index = next(i for i, s in enumerate(task.samples) if s.id == "long-prompt")
-    batch = task.batch([index])
+    cfg, env, job = tiny.job_for(flags(assets, tmp_path, 2, "crome", 1, "--max-len", str(max_len),
+                                       data=data, val=data))
+    index = next(i for i, s in enumerate(job.samples) if s.id == "long-prompt")
+    batch = job.batch([index])
     assert batch["input_ids"].shape == (1, max_len)  # cut to exactly max_len
-    assert int(batch["image_mask"].sum()) == task.model.n_visual
+    assert int(batch["image_mask"].sum()) == job.model.n_visual
     labels = batch["labels"][0]
     answer = labels[labels != -100].tolist()
-    assert task.tok.decode(answer) == "red<|im_end|>"
+    assert job.parts.tok.decode(answer) == "red<|im_end|>"
     assert batch["input_ids"][0, -len(answer):].tolist() == answer  # the answer closes the row
-    sample = task.samples[index]  # the generation prompt (eval's batching) is cut the same way
-    prompt = Answerer(task.parts, max_len=max_len).batch([sample.image], [sample.turns[0][0]])
+    sample = job.samples[index]  # the generation prompt (eval's batching) is cut the same way
+    prompt = Answerer(job.parts, max_len=max_len).batch([sample.image], [sample.turns[0][0]])
     assert prompt["input_ids"].shape[1] <= max_len
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:  # and it trains and validates (the long row is in the validation set too)
-        train.train(cfg, task, env)
+        train.train(cfg, job, env)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -544,7 +544,7 @@ def test_failed_checkpoint_save_resumes_from_the_previous_one(assets, runs, tmp_
             real(obj, path, *args, **kwargs)
         return save
     for name in ("save_safetensors", "save_json"):
-        monkeypatch.setattr(train, name, failing_on_the_second_save(getattr(train, name)))
+        monkeypatch.setattr(checkpointing, name, failing_on_the_second_save(getattr(checkpointing, name)))
     with pytest.raises(OSError, match="No space left on device"):
         run(argv)
     monkeypatch.undo()
@@ -559,15 +559,15 @@ def test_failed_checkpoint_save_resumes_from_the_previous_one(assets, runs, tmp_
 
 
 def nan_at(monkeypatch, step):
-    """The task's loss is NaN at training step `step`, counting loss calls: one before training
-    (train.count_flops), then one per step here."""
-    calls, real = Counter(), stages.VLMTask.loss
+    """The model's loss is NaN at training step `step`, counting loss calls: one before training
+    (training.progress.count_flops), then one per step here."""
+    calls, real = Counter(), VLM.forward
 
-    def loss(self, fn, batch):
+    def loss(self, batch):
         calls["n"] += 1
-        value = real(self, fn, batch)
+        value = real(self, batch)
         return value * float("nan") if calls["n"] == step + 2 else value
-    monkeypatch.setattr(stages.VLMTask, "loss", loss)
+    monkeypatch.setattr(VLM, "forward", loss)
 
 
 @pytest.mark.parametrize("policy, nan_step", register(

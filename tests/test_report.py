@@ -1,7 +1,7 @@
-"""report.py: the README's tables come from run directories, cell by cell."""
+"""tools/report.py: the README's tables come from run directories, cell by cell."""
 import json
 
-import report
+from tools import report
 
 
 def write(path, obj):

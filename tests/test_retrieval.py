@@ -1,4 +1,4 @@
-"""MWA's paper setting (train.py --task retrieval, stages.RetrievalTask; eval.py on stage-0 and
+"""MWA's paper setting (train.py --task retrieval, training.stages.retrieval_job; eval.py on stage-0 and
 retrieval runs): on a stage-0 run of 2 steps over slices of easy-vqa, --adapter mwa trains only
 the MWA modules (every other weight bit-identical) and --adapter full trains every weight; the
 default is one epoch; resume is exact; eval writes R@K that agree with validate(); recall_at_k
@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import eval as ev
 import tiny
 import train
-from stages import RetrievalTask, load_retrieval_run
+from dual_encoder import load_retrieval_run
+from evaluation.scoring import recall_at_k
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,39 +53,40 @@ def retrieval_flags(data, runs, adapter, *extra):
     return flags(data, runs, "--task", "retrieval", "--adapter", adapter, *extra)
 
 
-def train_task(argv):
-    """train.train on a RetrievalTask built here; -> (task, weights before, weights after)."""
-    cfg = train.parse_args(argv)
-    torch.manual_seed(cfg.seed)
-    env = train.Env(cfg)
-    task = RetrievalTask(cfg, env)
-    before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    train.train(cfg, task, env)
-    return task, before, task.model.state_dict()
+def train_job(argv):
+    """train.train on a retrieval Job built here; -> (job, weights before, weights after)."""
+    cfg, env, job = tiny.job_for(argv)
+    before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    train.train(cfg, job, env)
+    return job, before, job.model.state_dict()
+
+
+def n_trainable(job) -> int:
+    return sum(p.numel() for p in job.trainable())
 
 
 def test_mwa_trains_only_its_modules_for_one_epoch_by_default(data, runs, capsys):
-    task, before, after = train_task(retrieval_flags(data, runs, "mwa", "--batch-size", "16"))
+    job, before, after = train_job(retrieval_flags(data, runs, "mwa", "--batch-size", "16"))
     run = runs / "retrieval" / "mwa"
-    steps = task.n_samples // 16
+    steps = len(job.samples) // 16
     assert steps >= 2 and json.loads((run / "trainer_state.json").read_text())["step"] == steps
-    trainable = set(task.trainable_keys())
+    trainable = {n for n, p in job.model.named_parameters() if p.requires_grad}
     assert trainable and all(re.search(r"\.(adapter|enhancer)\.", k) for k in trainable)
     assert any("ffn_text.adapter" in k for k in trainable)  # the text way has adapters too
     assert set(load_file(run / "model.safetensors")) == trainable
     assert [k for k in after if k not in trainable and not torch.equal(after[k], before[k])] == []
     assert [k for k in trainable if torch.equal(after[k], before[k])] == []
-    n_all = sum(p.numel() for p in task.model.parameters())
-    header = f"trainable {task.n_trainable():,} of {n_all:,} parameters " \
-             f"({100 * task.n_trainable() / n_all:.2f}%)"
+    n_all = sum(p.numel() for p in job.model.parameters())
+    header = f"trainable {n_trainable(job):,} of {n_all:,} parameters " \
+             f"({100 * n_trainable(job) / n_all:.2f}%)"
     assert header in capsys.readouterr().out
-    assert 0 < task.n_trainable() < 0.1 * n_all
+    assert 0 < n_trainable(job) < 0.1 * n_all
 
 
 def test_full_fine_tuning_trains_every_weight(data, runs):
-    task, before, after = train_task(retrieval_flags(data, runs, "full", "--steps", "2",
+    job, before, after = train_job(retrieval_flags(data, runs, "full", "--steps", "2",
                                                      "--batch-size", "4"))
-    assert task.n_trainable() == sum(p.numel() for p in task.model.parameters())
+    assert n_trainable(job) == sum(p.numel() for p in job.model.parameters())
     assert [k for k in after if torch.equal(after[k], before[k])] == []
     saved = load_file(runs / "retrieval" / "full" / "model.safetensors")
     assert set(saved) == set(after) and "qformer.word_embeddings.weight" in saved
@@ -118,7 +120,7 @@ def test_resume_matches_an_uninterrupted_run(data, runs, tmp_path, monkeypatch):
 def test_eval_writes_recall_that_agrees_with_validation(data, runs):
     run = runs / "retrieval" / "full"
     if not (run / "model.safetensors").exists():
-        train_task(retrieval_flags(data, runs, "full", "--steps", "2", "--batch-size", "4"))
+        train_job(retrieval_flags(data, runs, "full", "--steps", "2", "--batch-size", "4"))
     results = ev.main(["--checkpoint", str(run), "--split", "val", "--num-threads", "1"])
     metrics = results["metrics"]
     last_val = [json.loads(line)["val"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -144,13 +146,13 @@ def test_recall_at_k_with_several_right_candidates_and_ties():
                         [0.2, 0.8, 0.8, 0.3]])   # two right ones tied at the top: rank 1
     truth = torch.tensor([[False, True, False, True],
                           [False, True, True, False]])
-    assert ev.recall_at_k(sim, truth, ks=(1, 2, 3)) == {"R@1": 0.5, "R@2": 0.5, "R@3": 1.0}
+    assert recall_at_k(sim, truth, ks=(1, 2, 3)) == {"R@1": 0.5, "R@2": 0.5, "R@3": 1.0}
     scores = torch.randn(6, 5).round(decimals=1)  # ties likely
     index = torch.tensor([0, 4, 2, 2, 1, 3])
-    assert ev.recall_at_k(scores, index, ks=(1, 2, 3)) == \
-        ev.recall_at_k(scores, torch.nn.functional.one_hot(index, 5).bool(), ks=(1, 2, 3))
+    assert recall_at_k(scores, index, ks=(1, 2, 3)) == \
+        recall_at_k(scores, torch.nn.functional.one_hot(index, 5).bool(), ks=(1, 2, 3))
     with pytest.raises(ValueError, match="no right candidate"):
-        ev.recall_at_k(sim, torch.zeros(2, 4, dtype=torch.bool))
+        recall_at_k(sim, torch.zeros(2, 4, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,4 +1,4 @@
-"""tokenizer.py against the `tokenizers` library and transformers (test-only references) on the
+"""text/tokenizer.py against the `tokenizers` library and transformers (test-only references) on the
 converted SmolLM2 folder, GPT-2's BPE ranks, and tiny Llama-3-style tokenizers written here."""
 import base64
 import json
@@ -11,9 +11,9 @@ from tokenizers import decoders, pre_tokenizers
 from tokenizers.models import BPE
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from checkpoint import CheckpointError
-from data.assets import gpt2_ranks_path, smollm2_folder
-from tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL, load_tokenizer
+from weights.checkpoint import CheckpointError
+from weights.offline import gpt2_ranks_path, smollm2_folder
+from text.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL, load_tokenizer
 
 SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<file_sep>",
                  "<jupyter_code>", "<empty_output>"]

@@ -5,6 +5,7 @@ accumulation, label masking on real rows with the real SmolLM2 tokenizer, and th
 
 Every run passes --num-threads 1: on a shared 2-core machine torch's default thread pool
 oversubscribes the cores and a tiny step takes ~20x longer."""
+import dataclasses
 import json
 import os
 import signal
@@ -18,14 +19,16 @@ from safetensors.torch import load_file
 
 import tiny
 import train
-from data.assets import smollm2_folder
+from weights.offline import minilm_folder, smollm2_folder
 from data.collate import encode_example, pad_batch
 from data.dataset import load_conversations
-from qformer import QFormer, WordPieceTokenizer
-from stages import VisionPretraining
-from tokenizer import load_tokenizer
+from model import LLM
+from qformer import QFormer
+from text.wordpiece import WordPieceTokenizer
+from text.tokenizer import load_tokenizer
 from vit import ImageProcessor, ViT
-from vlm import DESIGNS, TRAINABLE, saved_components
+from training.config import TrainConfig, needs_offline_towers, resolve
+from vlm import DESIGNS, TRAINABLE, load_run, saved_components
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_DATA = {1: "captions", 2: "vqa", 3: "mc"}
@@ -134,8 +137,6 @@ def test_stages_chain_and_hand_over_weights(assets, tmp_path, design, main, caps
 def test_baselines_train_what_they_claim(assets, tmp_path, main):
     """llava: the connector alone over a frozen LLM; full: LLaVA-1.5's recipe, the LLM unfrozen
     in stage 2, saved in the run and loaded back by eval (its text path is what changed)."""
-    from model import LLM
-    from stages import load_run
     main(flags(assets, tmp_path, 2, "llava", 2))
     check_run_dir(tmp_path / "llava" / "stage2", "llava", 2, 2)
     main(flags(assets, tmp_path, 2, "full", 2, "--lr-llm", "1e-3"))
@@ -169,14 +170,13 @@ def test_bf16_run_keeps_trainable_weights_in_fp32(assets, tmp_path, main, capsys
 
 def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
     data = assets["data"]
-    cfg = train.parse_args(["--stage", "0", "--steps", "2", "--batch-size", "4", "--val-samples", "8",
-                            "--out-dir", str(tmp_path), "--dtype", "fp32", "--num-threads", "1",
-                            "--data", str(data["captions_train"]), "--val-data", str(data["captions_val"]),
-                            "--image-root", str(data["image_root"]), "--log-every", "1"])
-    env = train.Env(cfg)
-    task = VisionPretraining(cfg, env)
-    before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    train.train(cfg, task, env)
+    cfg, env, job = tiny.job_for(
+        ["--stage", "0", "--steps", "2", "--batch-size", "4", "--val-samples", "8",
+         "--out-dir", str(tmp_path), "--dtype", "fp32", "--num-threads", "1",
+         "--data", str(data["captions_train"]), "--val-data", str(data["captions_val"]),
+         "--image-root", str(data["image_root"]), "--log-every", "1"])
+    before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    train.train(cfg, job, env)
     out = tmp_path / "stage0"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert (out / "vision" / name).is_file()
@@ -184,17 +184,17 @@ def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
         assert (out / "qformer" / name).is_file()
 
     vision = ViT.from_pretrained(out / "vision")
-    assert_same_tensors(vision.state_dict(), task.model.vision.state_dict())
+    assert_same_tensors(vision.state_dict(), job.model.vision.state_dict())
     qformer = QFormer.from_pretrained(out / "qformer")
-    assert_same_tensors(qformer.state_dict(), task.model.qformer.state_dict())
+    assert_same_tensors(qformer.state_dict(), job.model.qformer.state_dict())
     assert ImageProcessor.from_hf(json.loads((out / "vision" / "preprocessor_config.json").read_text())) \
-        == task.processor
+        == ImageProcessor.clip(job.model.vision.config.image_size)
     assert WordPieceTokenizer.from_pretrained(out / "qformer").encode("a red circle") \
-        == task.wordpiece.encode("a red circle")
+        == WordPieceTokenizer.from_pretrained(minilm_folder()).encode("a red circle")
 
     # what trained moved and is in the run's checkpoint; the MiniLM text way stayed frozen
-    after = task.model.state_dict()
-    trainable = set(task.trainable_keys())
+    after = job.model.state_dict()
+    trainable = {n for n, p in job.model.named_parameters() if p.requires_grad}
     assert set(weights(out)) == trainable
     assert all(not torch.equal(after[k], before[k]) for k in trainable if k.startswith("vision."))
     assert not torch.equal(after["qformer.query_tokens"], before["qformer.query_tokens"])
@@ -394,7 +394,7 @@ def test_parse_args_types_and_booleans():
         (3, "mwa", 3e-4, 7, 2, True)
     assert train.parse_args([]).resume is False
     assert train.parse_args(["--resume", "--no-resume"]).resume is False
-    assert train.parse_args([]) == train.TrainConfig()
+    assert train.parse_args([]) == TrainConfig()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -413,3 +413,62 @@ def test_parse_args_refuses_bad_flags(argv, message, capsys):
         train.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- prerequisites
+
+
+def test_a_hub_vision_tower_needs_no_stage0_outside_crome(assets, tmp_path, main, capsys):
+    """--adapter iaa --vision <a CLIP folder>: the default --qformer offline is CROME's alone,
+    so no stage 0 trains first (the run starts in its own directory, and stage0/ never exists)."""
+    argv = flags(assets, tmp_path, 2, "iaa", 1)
+    argv[argv.index("--qformer"):argv.index("--qformer") + 2] = []   # the default: offline
+    main(argv)
+    out = capsys.readouterr().out
+    assert "training stage 0 first" not in out and not (tmp_path / "stage0").exists()
+    assert out.lstrip().startswith(("no stage-1 checkpoint", "stage 2 | iaa")), out[:300]
+    config = json.loads((tmp_path / "iaa" / "stage2" / "config.json").read_text())
+    assert config["backbones"]["qformer"] is None
+
+
+def test_stage3_without_stage2_fails_before_any_training(assets, tmp_path, main, capsys):
+    """With the offline vision tower missing too: the stage-3 prerequisite is reported at once,
+    not after training stage 0."""
+    argv = [a if a != str(assets["vision"]) else "offline" for a in flags(assets, tmp_path, 3, "mwa", 1)]
+    with pytest.raises(SystemExit, match="stage 3 fine-tunes a stage-2 model"):
+        main(argv)
+    assert not (tmp_path / "stage0").exists()
+    assert "stage 0" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needs", [
+    ([], True),                                                        # CROME, offline default
+    (["--adapter", "iaa", "--vision", "clip"], False),
+    (["--adapter", "mwa", "--vision", "clip", "--qformer", "blip2"], False),
+    (["--adapter", "crome", "--vision", "clip"], True),                # its Q-Former is offline
+    (["--adapter", "crome", "--vision", "clip", "--qformer", "blip2"], False),
+    (["--adapter", "llava"], True),                                    # the offline ViT
+    (["--stage", "0"], False),                                         # stage 0 is the tower
+    (["--task", "retrieval", "--adapter", "mwa"], True),               # stage 0's dual encoder
+    (["--task", "retrieval", "--adapter", "mwa", "--init", "somewhere"], False),
+])
+def test_which_runs_need_the_offline_towers(argv, needs):
+    assert needs_offline_towers(resolve(train.parse_args(argv))) is needs
+
+
+def test_config_is_resolved_once_and_frozen():
+    cfg = resolve(train.parse_args(["--stage", "3", "--device", "cpu"]))
+    assert (cfg.steps, cfg.batch_size, cfg.dtype, cfg.compile) == (200, 16, "fp32", "no")
+    assert resolve(cfg) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 1
+    assert resolve(train.parse_args(["--task", "retrieval", "--adapter", "mwa"])).steps == 0  # one epoch
+
+
+def test_every_flag_has_help(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"], f.name
+        assert "--" + f.name.replace("_", "-") in text

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from skimage import data as skdata
 
-from checkpoint import CheckpointError
+from weights.checkpoint import CheckpointError
 from vit import ImageProcessor, ViT, ViTConfig, pad_to_square
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import save_json
-from data.assets import minilm_folder, smollm2_folder
+from weights.checkpoint import save_json
+from weights.offline import minilm_folder, smollm2_folder
 from data.easyvqa import prepare_easyvqa
 from qformer import QFormer, QFormerConfig
+from training.config import parse_args, resolve
+from training.runtime import Env
+from training.stages import build_job
 from vit import ImageProcessor, ViT, ViTConfig
 
 LLM_LAYERS = 17
@@ -81,3 +84,12 @@ def easyvqa_slices(folder, n=48) -> dict[str, Path]:
             out[key] = folder / path.name
             save_json(json.loads(path.read_text())[:n], out[key])
     return out
+
+
+def job_for(argv):
+    """The resolved config, Env and Job that train.main builds for argv (without training
+    stage 0 first) -> (cfg, env, job)."""
+    cfg = resolve(parse_args(argv))
+    env = Env(cfg)
+    torch.manual_seed(cfg.seed)
+    return cfg, env, build_job(cfg, env)

@@ -1,8 +1,8 @@
 """
 The README's results tables, built from run directories, so no number is typed by hand:
 
-    python report.py                  # reads runs/, prints markdown, writes docs/*.png
-    python report.py --runs /tmp/runs --docs /tmp/docs
+    python -m tools.report                  # reads runs/, prints markdown, writes docs/*.png
+    python -m tools.report --runs /tmp/runs --docs /tmp/docs
 
 Where each number comes from (a missing file leaves its cells "-"):
   runs/<adapter>/stage2/result.json        trainable parameters, wall time of the run
@@ -23,7 +23,10 @@ import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from train import plot_curves
+from data.dataset import load_conversations
+from data.easyvqa import prepare_easyvqa
+from evaluation.scoring import score_answers
+from training.progress import plot_curves
 from vlm import ADAPTERS
 
 NAMES = {"crome": "CROME", "iaa": "IAA-8", "mwa": "MWA", "llava": "LLaVA-style (projector only)",
@@ -63,9 +66,6 @@ def blind_baseline() -> dict:
     """The question-only ("blind") VQA baseline: each easy-vqa test question gets the answer
     its exact text most often has in training, without looking at the image; scored as eval.py
     scores open-ended answers. It measures how much of a score the language prior alone earns."""
-    from data.dataset import load_conversations
-    from data.easyvqa import prepare_easyvqa
-    from eval import score_answers
     files = prepare_easyvqa()
     train = load_conversations(files["vqa_train"], files["image_root"])[0]
     test = load_conversations(files["vqa_test"], files["image_root"])[0]

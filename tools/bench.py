@@ -2,8 +2,8 @@
 Side-by-side speed of our components vs the reference implementation (transformers), on the
 same weights, in the same process, same dtype and thread count. A benchmark, not a test.
 
-    python bench.py                # every row, fp32 and bf16
-    python bench.py --only llm --dtypes bf16
+    python -m tools.bench                # every row, fp32 and bf16
+    python -m tools.bench --only llm --dtypes bf16
 
 Rows (each: ours ms, reference ms, ratio = reference / ours, so > 1 means we are faster):
   llm forward         SmolLM2-135M (offline), B x T tokens, full logits
@@ -13,19 +13,35 @@ Rows (each: ours ms, reference ms, ratio = reference / ours, so > 1 means we are
   vit forward         a CLIP ViT-B/16-shaped tower (random weights), 224 px
   qformer forward     a BLIP-2 Q-Former (BERT-base shape, 32 queries) on ViT-B features
 
-    python bench.py --only step    # one training step per adapter (ours only, no reference)
+    python -m tools.bench --only step    # one training step per adapter (ours only, no reference)
 
 Training-step rows: each design and baseline at stage 2 on the offline default (SmolLM2, the
 offline towers with fresh weights: speed does not depend on their values, real easy-VQA
 batches), in its own process so peak memory is its own: ms per optimizer step, samples/s,
 tokens/s, peak memory (CUDA: max allocated; CPU: the process's peak RSS, weights included)
-and MFU against train.peak_flops, with FLOPs counted as train.py counts them.
+and MFU against training.runtime.peak_flops, with FLOPs counted as train.py counts them.
 """
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+import transformers
+
+from model import LLM
+from qformer import QFormer
+from train import batch_indices, make_optimizer
+from training.config import TrainConfig, offline_towers_ready, resolve, stage0_config, stage0_dir
+from training.progress import count_flops
+from training.runtime import Env
+from training.stages import build_job
+from vit import ViT
+from vlm import ADAPTERS
+from weights.offline import smollm2_folder
 
 
 def timed(fn, repeat=5, warmup=2):
@@ -47,9 +63,6 @@ def report(name, dtype, ours, ref, unit="ms", higher_is_better=False):
 
 
 def bench_llm(dtype, batch, seq):
-    import transformers
-    from data.assets import smollm2_folder
-    from model import LLM
     folder = smollm2_folder()
     ours = LLM.from_pretrained(folder, dtype=dtype)
     ref = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -81,12 +94,9 @@ def bench_llm(dtype, batch, seq):
 
 
 def bench_vit(dtype, batch):
-    import transformers
-    from vit import ViT
     cfg = transformers.CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                         num_attention_heads=12, image_size=224, patch_size=16)
     ref = transformers.CLIPVisionModel(cfg).eval().to(dtype)
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = ViT.from_pretrained(d, dtype=dtype).eval()
@@ -98,9 +108,6 @@ def bench_vit(dtype, batch):
 
 
 def bench_qformer(dtype, batch):
-    import tempfile
-    import transformers
-    from qformer import QFormer
     qcfg = transformers.Blip2QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                            intermediate_size=3072, encoder_hidden_size=768)
     # Blip2Config sets the Q-Former's encoder width to the vision tower's: make that 768 too
@@ -126,26 +133,21 @@ def bench_qformer(dtype, batch):
 
 def bench_step(adapter, dtype, batch_size, folder):
     """One row: the training step of train.py (forward, backward, AdamW) for `adapter`."""
-    import resource
-    from pathlib import Path
-    import train
-    from stages import VisionPretraining, VLMTask
-    cfg = train.TrainConfig(stage=2, adapter=adapter, out_dir=folder, dtype=dtype,
-                            batch_size=batch_size, compile="no")
-    env = train.Env(cfg)
-    if not (Path(folder) / "stage0" / "qformer" / "model.safetensors").exists():
-        stage0 = train.TrainConfig(stage=0, out_dir=folder)
-        VisionPretraining(stage0, env).finish(Path(folder) / "stage0", env)
-    task = VLMTask(cfg, env)
-    opt = train.make_optimizer(task.param_groups(), cfg.weight_decay, env.device)
-    batches = [task.batch(train.batch_indices(task.n_samples, batch_size, step, 0, 0, 1))
+    cfg = resolve(TrainConfig(stage=2, adapter=adapter, out_dir=folder, dtype=dtype,
+                              batch_size=batch_size, compile="no"))
+    env = Env(cfg)
+    if not offline_towers_ready(cfg):  # fresh towers: speed does not depend on their values
+        build_job(stage0_config(cfg), env).export(stage0_dir(cfg))
+    job = build_job(cfg, env)
+    opt = make_optimizer(job.param_groups, cfg.weight_decay, env.device)
+    batches = [job.batch(batch_indices(len(job.samples), batch_size, step, 0, 0, 1))
                for step in range(6)]
-    flops_per_token = train.count_flops(task, batches[0], env.autocast)
-    task.model.train()
+    flops_per_token = count_flops(job, batches[0], env.autocast)
+    job.model.train()
 
     def step(batch):
         with env.autocast():
-            loss = task.loss(task.model, batch)
+            loss = job.model(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -158,7 +160,7 @@ def bench_step(adapter, dtype, batch_size, folder):
     for batch in batches[2:]:
         step(batch)
     seconds = (time.perf_counter() - start) / (len(batches) - 2)
-    tokens = statistics.mean(task.tokens(b) for b in batches[2:])
+    tokens = statistics.mean(b["tokens"] for b in batches[2:])
     peak = torch.cuda.max_memory_allocated() / 2**20 if env.device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mfu = flops_per_token * tokens / seconds / env.peak_flops
@@ -168,17 +170,13 @@ def bench_step(adapter, dtype, batch_size, folder):
 
 def step_rows(dtypes, batch_size):
     """Every adapter's training-step row, each in a fresh process."""
-    import subprocess
-    import sys
-    import tempfile
-    from vlm import ADAPTERS
     print(f"\nstage-2 training step, batch {batch_size}\n"
           "| row | dtype | ms/step | samples/s | tokens/s | peak MB | MFU |\n|---|---|---|---|---|---|---|",
           flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for dtype in dtypes:
             for adapter in ADAPTERS:
-                subprocess.run([sys.executable, __file__, "--step-row", adapter, "--dtypes", dtype,
+                subprocess.run([sys.executable, "-m", "tools.bench", "--step-row", adapter, "--dtypes", dtype,
                                 "--step-batch", str(batch_size), "--folder", folder], check=True)
 
 

