@@ -8,7 +8,7 @@ every detail a paper leaves open is a config field, and its docstring says it is
 - MWA, MultiWay-Adapter (arXiv 2309.01516): per-modality bottleneck adapters (New Knowledge
   Extractor) and a shared Alignment Enhancer in frozen multiway blocks.
 
-`python params.py` prints the parameter-count report at paper scale (built on the meta device,
+`python -m tools.params` prints the parameter-count report at paper scale (built on the meta device,
 no weights) and for the offline default.
 """
 import copy
