@@ -6,6 +6,7 @@ frozen LLM's text-only perplexity, and image-text retrieval for stage-0 / retrie
     python eval.py --checkpoint runs/crome/stage2 --limit 500     # a fixed random 500 rows
     python eval.py --checkpoint runs/iaa/stage3 --text-ppl        # + text-only perplexity
     python eval.py --checkpoint runs/crome/stage2 --kind mc       # easy-vqa's multiple choice
+    python eval.py --checkpoint runs/crome/stage2 --kind yesno-balanced   # yes/no, 50% blind
     python eval.py --checkpoint runs/crome/stage2 --data my.json --image-root images/
     python eval.py --checkpoint runs/crome/stage2 --image photo.png --prompt "What shape is this?"
     python eval.py --checkpoint runs/retrieval/mwa                # R@1/5/10 (also runs/stage0)
@@ -312,9 +313,11 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="a stage 1-3 run directory, or a stage-0 / retrieval one for retrieval")
     p.add_argument("--split", choices=["val", "test"], default="test")
-    p.add_argument("--kind", choices=["captions", "vqa", "mc"],
+    p.add_argument("--kind", choices=["captions", "vqa", "mc", "yesno-balanced"],
                    help="which easy-vqa file (default: the one the run's stage trained on); "
-                        "e.g. --kind mc scores a stage-2 model on multiple choice")
+                        "e.g. --kind mc scores a stage-2 model on multiple choice, --kind "
+                        "yesno-balanced on the yes/no questions balanced per template (a "
+                        "question-only model gets 50%%)")
     p.add_argument("--data", help="a LLaVA-format JSON to evaluate instead of the run's split")
     p.add_argument("--image-root", help="the folder --data's image paths are relative to")
     p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset (0 = all)")

@@ -6,6 +6,9 @@ out in the conversation format of data/dataset.py, for every training stage:
     vqa_{split}.json       stage 2    the package's questions -> its one-word answers, with "type"
     mc_{split}.json        stage 3    the same questions as lettered multiple choice (the
                                       ScienceQA prompt of LLaVA), answer = the letter
+    yesno-balanced_{val,test}.json    the split's yes/no rows, balanced per question template
+                                      (as many "yes" as "no" rows of each): a question-only
+                                      model scores 50% on it, so it measures looking
 
 Splits: test = the package's test images; val = train images whose id is a multiple of 10
 (a fixed 10%); train = the other train images. Images are not copied: paths are relative to the
@@ -21,6 +24,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -96,6 +100,28 @@ def shape_and_color(questions) -> tuple[str | None, str | None]:
     return next(iter(shapes), None), next(iter(colors), None)
 
 
+def question_template(question: str) -> str:
+    """The question with its colour and shape words replaced: 'is there not a {color} shape?'."""
+    question = re.sub(rf"\b({'|'.join(COLORS)})\b", "{color}", question)
+    return re.sub(rf"\b({'|'.join(SHAPES)})\b", "{shape}", question)
+
+
+def balanced_yesno(rows: list[dict], seed: int = 0) -> list[dict]:
+    """The yes/no rows, per question template as many "yes" as "no" (a seeded random choice
+    of the more common answer's rows), in their original order."""
+    by_answer = defaultdict(list)
+    for i, r in enumerate(rows):
+        answer = r["conversations"][1]["value"]
+        if answer in ("yes", "no"):
+            by_answer[question_template(r["conversations"][0]["value"]), answer].append(i)
+    rng, keep = random.Random(seed), []
+    for template in sorted({t for t, _ in by_answer}):
+        yes, no = by_answer[template, "yes"], by_answer[template, "no"]
+        n = min(len(yes), len(no))
+        keep += rng.sample(yes, n) + rng.sample(no, n)
+    return [rows[i] for i in sorted(keep)]
+
+
 def row(row_id: str, image: str, prompt: str, answer: str, **extra) -> dict:
     return {"id": row_id, "image": image, **extra, "conversations": [
         {"from": "human", "value": f"{IMAGE}\n{prompt}"}, {"from": "gpt", "value": answer}]}
@@ -145,19 +171,20 @@ def build_rows(root: Path) -> tuple[dict[str, dict[str, list]], dict[str, int]]:
                 prompt, options, letter = multiple_choice(row_id, question, answer)
                 rows["mc"][split].append(row(row_id, image, prompt, letter, type=kind,
                                              options=options, answer_text=answer))
+    rows["yesno-balanced"] = {split: balanced_yesno(rows["vqa"][split]) for split in ("val", "test")}
     return rows, gaps
 
 
 def prepare_easyvqa(out_dir=None) -> dict[str, Path]:
-    """Write the 9 files (idempotent: same content on every run; atomic writes) and return
-    {"captions_train": path, ..., "mc_test": path, "image_root": folder}."""
+    """Write the 11 files (idempotent: same content on every run; atomic writes) and return
+    {"captions_train": path, ..., "yesno-balanced_test": path, "image_root": folder}."""
     root = package_root()
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
     rows, gaps = build_rows(root)
     print("easy-vqa images: " + ", ".join(f"{v} {k}" for k, v in gaps.items()))
     paths = {}
     for kind, splits in rows.items():
-        for split in ("train", "val", "test"):
+        for split in [s for s in ("train", "val", "test") if s in splits]:
             path = paths[f"{kind}_{split}"] = out_dir / f"{kind}_{split}.json"
             save_json(splits[split], path)
             print(f"{path}: {len(splits[split])} rows")

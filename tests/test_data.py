@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from data.dataset import DataError, captions, load_conversations, load_image
-from data.easyvqa import COLORS, LETTERS, SHAPES, multiple_choice, package_root, prepare_easyvqa
+from data.easyvqa import (COLORS, LETTERS, SHAPES, multiple_choice, package_root, prepare_easyvqa,
+                          question_template)
 
 KINDS, SPLITS = ("captions", "vqa", "mc"), ("train", "val", "test")
 
@@ -74,6 +75,34 @@ def test_vqa_types_and_answers(rows, package_questions):
         expected = "yes/no" if answer in ("yes", "no") else "shape" if answer in SHAPES else "color"
         assert row["type"] == expected
     assert {r["type"] for r in rows["vqa", "val"]} == {"yes/no", "shape", "color"}
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_balanced_yesno_subset_defeats_a_question_only_model(prepared, rows, split):
+    """Every yes/no template has as many "yes" as "no" rows, the rows are the split's own, and
+    the question-only baselines, trained on the train split (the majority answer per exact
+    question and per template), score exactly 50% there, against over 80% on all yes/no rows."""
+    balanced = json.loads(prepared[f"yesno-balanced_{split}"].read_text())
+    qa = lambda r: (r["conversations"][0]["value"], r["conversations"][1]["value"])  # noqa: E731
+    counts = defaultdict(lambda: {"yes": 0, "no": 0})
+    for r in balanced:
+        question, answer = qa(r)
+        counts[question_template(question)][answer] += 1
+    assert len(counts) == 16 and all(c["yes"] == c["no"] >= 20 for c in counts.values())
+    vqa = rows["vqa", split]
+    assert {r["id"] for r in balanced} <= {r["id"] for r in vqa}
+    majority = defaultdict(lambda: defaultdict(int))
+    for r in rows["vqa", "train"]:
+        question, answer = qa(r)
+        majority[question][answer] += 1
+        majority[question_template(question)][answer] += 1
+
+    def blind(rows_, key):
+        picks = [max(majority[key(qa(r)[0])].items(), key=lambda kv: kv[1])[0] for r in rows_]
+        return sum(p == qa(r)[1] for p, r in zip(picks, rows_)) / len(rows_)
+    yes_no = [r for r in vqa if qa(r)[1] in ("yes", "no")]
+    assert blind(yes_no, lambda q: q) > 0.8
+    assert blind(balanced, lambda q: q) == blind(balanced, question_template) == 0.5
 
 
 def test_multiple_choice_letter_points_at_answer(rows):

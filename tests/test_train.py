@@ -472,3 +472,14 @@ def test_every_flag_has_help(capsys):
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"], f.name
         assert "--" + f.name.replace("_", "-") in text
+
+
+def test_stage2_on_easyvqa_validates_on_balanced_yes_no_too(assets, tmp_path, main):
+    """Without --data, stage 2 validates on easy-vqa's validation questions and on its balanced
+    yes/no subset (data.easyvqa.balanced_yesno), where a question-only model gets 50%."""
+    argv = flags(assets, tmp_path, 2, "mwa", 1)
+    for name in ("--data", "--val-data", "--image-root"):
+        del argv[argv.index(name):argv.index(name) + 2]
+    cfg, env, job = tiny.job_for(argv)
+    result = job.validate()
+    assert result["n"] == 4 and 0.0 <= result["yesno_balanced_accuracy"] <= 1.0

@@ -184,8 +184,10 @@ def vlm_job(cfg, env) -> Job:
     pixels = ImageCache(parts.processor)
     train_file, val_file, root = stage_data(cfg)
     samples = load_samples(train_file, root, cfg, env, pixels)
-    val = load_val(val_file, root, cfg)
-    val = random.Random(0).sample(val, min(cfg.val_samples, len(val)))
+    val = fixed_subset(load_val(val_file, root, cfg), cfg.val_samples)
+    # easy-vqa's stage 2 also validates on yes/no questions a question-only model answers at 50%
+    balanced = fixed_subset(load_val(prepare_easyvqa()["yesno-balanced_val"], root, cfg),
+                            cfg.val_samples) if not cfg.data and cfg.stage == 2 else []
 
     def collate(rows):
         batch = vlm_batch(parts, pixels, [s.image for s in rows], [s.turns[0][0] for s in rows],
@@ -198,7 +200,7 @@ def vlm_job(cfg, env) -> Job:
               for name in TRAINABLE[cfg.adapter][cfg.stage]}
     saved = [f"{n}.{k}" for n in saved_components(cfg.adapter, cfg.stage)
              for k in getattr(model, n).state_dict()]
-    return Job(model, samples, collate, groups, partial(answer_accuracy, parts, val, cfg),
+    return Job(model, samples, collate, groups, partial(answer_accuracy, parts, val, balanced, cfg),
                saved, {"vlm": vcfg.to_dict(), "backbones": sources}, parts=parts)
 
 
@@ -220,14 +222,23 @@ def init_from_previous_stage(model, cfg, env):
     env.log(f"initialised {', '.join(components)} from {weights}")
 
 
+def fixed_subset(rows: list, n: int) -> list:
+    return random.Random(0).sample(rows, min(n, len(rows)))
+
+
 @torch.no_grad()
-def answer_accuracy(parts, val, cfg) -> dict:
-    """Greedy answers on the fixed validation subset, scored as eval.py scores the test split."""
-    if not val:
-        return {}
+def answer_accuracy(parts, val, balanced, cfg) -> dict:
+    """Greedy answers on the fixed validation subset, scored as eval.py scores the test split,
+    and the accuracy on the balanced yes/no subset when there is one."""
     answerer = Answerer(parts, bf16=cfg.dtype == "bf16", max_len=cfg.max_len, max_new_tokens=8)
-    predictions = answerer.generate([s.image for s in val], [s.turns[0][0] for s in val])
-    return score_answers(val, predictions, multiple_choice=cfg.stage == 3)
+
+    def accuracy(rows):
+        predictions = answerer.generate([s.image for s in rows], [s.turns[0][0] for s in rows])
+        return score_answers(rows, predictions, multiple_choice=cfg.stage == 3)
+    result = accuracy(val) if val else {}
+    if balanced:
+        result["yesno_balanced_accuracy"] = accuracy(balanced)["accuracy"]
+    return result
 
 
 # ----------------------------------------------------------------------------- retrieval
