@@ -171,7 +171,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)                # (B, nkv, S, hd)
-        causal = ctx.mask is None and T > 1
+        # without a cache every query may see its own past (T == 1 included): a plain bool
+        # even when torch.compile traces T as a symbol; a cached single-token step sees it all
+        causal = ctx.mask is None and (ctx.cache is None or T > 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal,
                                            enable_gqa=cfg.n_kv_head != cfg.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))          # (B, T, C)

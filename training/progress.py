@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.flop_counter import FlopCounterMode
 
 CURVE_COLORS = ("navy", "firebrick", "darkgreen", "darkorange", "purple", "teal", "gray")
@@ -33,13 +34,21 @@ def count_flops(job, batch: dict, autocast) -> float:
     return counter.get_total_flops() / batch["tokens"]
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (first compiles and
+    recompiles): a count that keeps growing during training means shapes recompile."""
+    return dynamo_counters["stats"]["unique_graphs"]
+
+
 class Progress:
-    """Throughput since the run (re)started, the progress line and the metrics record."""
+    """Throughput since the run (re)started, the progress line and the metrics record (with
+    the graphs compiled since the start, when the step is compiled)."""
 
     def __init__(self, env, metrics_file: Path, steps: int, start_step: int, flops_per_token):
         self.env, self.metrics_file, self.steps, self.start_step = env, metrics_file, steps, start_step
         self.flops_per_token = flops_per_token
         self.t0, self.tokens, self.samples = time.time(), 0, 0
+        self.graphs_before = compiled_graphs()
 
     def count(self, tokens: int, samples: int):
         """One optimizer step's work, summed over the processes."""
@@ -53,10 +62,14 @@ class Progress:
                "samples_per_s": round(self.samples / dt, 2),
                "mfu": round(self.flops_per_token * self.tokens / dt / self.env.peak_flops, 4),
                "elapsed_s": round(dt, 1)}
+        compiled = ""
+        if self.env.compile:
+            rec["compiled_graphs"] = compiled_graphs() - self.graphs_before
+            compiled = f" | {rec['compiled_graphs']} graphs compiled"
         eta = dt / (step + 1 - self.start_step) * (self.steps - step - 1)
         self.env.log(f"step {step:5d}/{self.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | "
                      f"{rec['tokens_per_s']:.0f} tok/s | {rec['samples_per_s']:.1f} samples/s | "
-                     f"mfu {100 * rec['mfu']:.1f}% | eta {eta / 60:.1f} min")
+                     f"mfu {100 * rec['mfu']:.1f}% | eta {eta / 60:.1f} min{compiled}")
         self.env.append_jsonl(self.metrics_file, rec)
 
     def log_validation(self, step: int, result: dict):

@@ -36,6 +36,8 @@ class Env:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.compile = cfg.compile == "yes"
+        if self.compile:  # the loss reads the answer positions (a data-dependent count) in-graph
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
         self.bf16 = cfg.dtype == "bf16"
         self.peak_flops = peak_flops(self.device, cfg.dtype)
 
