@@ -10,6 +10,8 @@ Rows (each: ours ms, reference ms, ratio = reference / ours, so > 1 means we are
   llm fwd+bwd frozen  weights frozen, gradients flow to inputs_embeds (what adapter training
                       does), logits only for the last 8 positions in both implementations
   llm decode          greedy KV-cache generation, new tokens per second (ratio = ours / ref)
+  llm fwd+bwd compiled  (--compiled) the frozen step with ours and the reference each under
+                      torch.compile (inductor), timed after compiling; compile times printed
   vit forward         a CLIP ViT-B/16-shaped tower (random weights), 224 px
   qformer forward     a BLIP-2 Q-Former (BERT-base shape, 32 queries) on ViT-B features
 
@@ -22,7 +24,6 @@ tokens/s, peak memory (CUDA: max allocated; CPU: the process's peak RSS, weights
 and MFU against training.runtime.peak_flops, with FLOPs counted as train.py counts them.
 """
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,11 +35,7 @@ import transformers
 
 from model import LLM
 from qformer import QFormer
-from train import batch_indices, make_optimizer
-from training.config import TrainConfig, offline_towers_ready, resolve, stage0_config, stage0_dir
-from training.progress import count_flops
-from training.runtime import Env
-from training.stages import build_job
+from tools.gpu_check import measure_step
 from vit import ViT
 from vlm import ADAPTERS
 from weights.offline import smollm2_folder
@@ -62,7 +59,7 @@ def report(name, dtype, ours, ref, unit="ms", higher_is_better=False):
           f"{ratio:5.2f}x |", flush=True)
 
 
-def bench_llm(dtype, batch, seq):
+def bench_llm(dtype, batch, seq, compiled=False):
     folder = smollm2_folder()
     ours = LLM.from_pretrained(folder, dtype=dtype)
     ref = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -85,6 +82,22 @@ def bench_llm(dtype, batch, seq):
         ref(inputs_embeds=x, logits_to_keep=8).logits.float().logsumexp(-1).mean().backward()
 
     report(f"llm fwd+bwd frozen {batch}x{seq}", name, timed(ours_step, 3, 1), timed(ref_step, 3, 1))
+    if compiled:  # both models compiled (inductor), each timed after its compile
+        ours_c, ref_c = torch.compile(ours), torch.compile(ref)
+
+        def ours_compiled_step():
+            x = ours.embed(idx).detach().requires_grad_(True)
+            ours_c(inputs_embeds=x, logits_at=last).float().logsumexp(-1).mean().backward()
+
+        def ref_compiled_step():
+            x = ref.model.embed_tokens(idx).detach().requires_grad_(True)
+            ref_c(inputs_embeds=x, logits_to_keep=8).logits.float().logsumexp(-1).mean().backward()
+
+        compile_s = [timed(step, 1, 0) for step in (ours_compiled_step, ref_compiled_step)]
+        print(f"compile + first step: ours {compile_s[0]:.0f} s, reference {compile_s[1]:.0f} s",
+              flush=True)
+        report(f"llm fwd+bwd compiled {batch}x{seq}", name, timed(ours_compiled_step, 3, 1),
+               timed(ref_compiled_step, 3, 1))
 
     prompt, new = idx[:1, :32], 64
     ours_s = timed(lambda: ours.generate(prompt, max_new_tokens=new), 3, 1)
@@ -132,40 +145,10 @@ def bench_qformer(dtype, batch):
 
 
 def bench_step(adapter, dtype, batch_size, folder):
-    """One row: the training step of train.py (forward, backward, AdamW) for `adapter`."""
-    cfg = resolve(TrainConfig(stage=2, adapter=adapter, out_dir=folder, dtype=dtype,
-                              batch_size=batch_size, compile="no"))
-    env = Env(cfg)
-    if not offline_towers_ready(cfg):  # fresh towers: speed does not depend on their values
-        build_job(stage0_config(cfg), env).export(stage0_dir(cfg))
-    job = build_job(cfg, env)
-    opt = make_optimizer(job.param_groups, cfg.weight_decay, env.device)
-    batches = [job.batch(batch_indices(len(job.samples), batch_size, step, 0, 0, 1))
-               for step in range(6)]
-    flops_per_token = count_flops(job, batches[0], env.autocast)
-    job.model.train()
-
-    def step(batch):
-        with env.autocast():
-            loss = job.model(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for batch in batches[:2]:
-        step(batch)
-    start = time.perf_counter()
-    for batch in batches[2:]:
-        step(batch)
-    seconds = (time.perf_counter() - start) / (len(batches) - 2)
-    tokens = statistics.mean(b["tokens"] for b in batches[2:])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if env.device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    mfu = flops_per_token * tokens / seconds / env.peak_flops
-    print(f"| train step {adapter:<6} | {dtype:<5} | {seconds * 1000:8.0f} | {batch_size / seconds:9.1f} | "
-          f"{tokens / seconds:8.0f} | {peak:8.0f} | {100 * mfu:5.1f}% |", flush=True)
+    """One row: the training step of train.py for `adapter`, eager."""
+    r = measure_step(adapter, dtype, batch_size, folder)
+    print(f"| train step {adapter:<6} | {dtype:<5} | {r['ms_per_step']:8.0f} | {r['samples_per_s']:9.1f} | "
+          f"{r['tokens_per_s']:8.0f} | {r['peak_mb']:8.0f} | {100 * r['mfu']:5.1f}% |", flush=True)
 
 
 def step_rows(dtypes, batch_size):
@@ -187,6 +170,8 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--step-batch", type=int, default=16, help="training-step rows: batch size")
+    p.add_argument("--compiled", action="store_true",
+                   help="llm rows: also the frozen training step with both models compiled")
     p.add_argument("--step-row", help=argparse.SUPPRESS)   # one step row, in a child process
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -198,7 +183,7 @@ def main():
     for name in args.dtypes:
         dtype = torch.bfloat16 if name == "bf16" else torch.float32
         if "llm" in rows:
-            bench_llm(dtype, args.batch, args.seq)
+            bench_llm(dtype, args.batch, args.seq, args.compiled)
         if "vit" in rows:
             bench_vit(dtype, args.batch)
         if "qformer" in rows:

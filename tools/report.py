@@ -150,11 +150,37 @@ def figures(runs: Path, docs: Path):
                     log_y=True)
 
 
+def gpu_table(path: Path) -> str:
+    """The README's GPU table from tools/gpu_check.py's gpu_check.json."""
+    result = read(Path(path))
+    env = result["environment"]
+    head = (f"{env['device']}, torch {env['torch']}{' (dry run on CPU)' if result['dry_run'] else ''}"
+            "\n\n| row | batch | compile + first 2 steps | ms/step | samples/s | tokens/s | MFU "
+            "| peak memory |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = [f"| {NAMES.get(r['adapter'], r['adapter'])} | failed: see gpu_check.json | | | | | | |"
+            if "error" in r else
+            f"| {NAMES.get(r['adapter'], r['adapter'])} ({r['dtype']}{', compiled' if r['compiled'] else ''}) "
+            f"| {r['batch']} | {r['first_two_steps_s']} s | {r['ms_per_step']} | {r['samples_per_s']} "
+            f"| {num(r['tokens_per_s'], '{:,.0f}')} | {pct(r['mfu'])} | {num(r['peak_mb'])} MB |"
+            for r in result["steps"]]
+    job = result["main_job"]
+    val = job.get("validation") or {}
+    tail = (f"\n\n`{job['command']}`: {job['wall_s']} s wall (exit {job['exit_code']}), last "
+            f"validation {pct(val.get('accuracy'))} (balanced yes/no "
+            f"{pct(val.get('yesno_balanced_accuracy'))}); 2-GPU DDP: "
+            f"{result['ddp'].get('skipped') or 'exit ' + str(result['ddp'].get('exit_code'))}")
+    return head + "\n" + "\n".join(rows) + tail
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs")
     p.add_argument("--docs", default="docs")
+    p.add_argument("--gpu", help="print the GPU table of tools/gpu_check.py's gpu_check.json")
     args = p.parse_args(argv)
+    if args.gpu:
+        print(gpu_table(Path(args.gpu)))
+        return
     runs = Path(args.runs)
     print(vqa_table(runs) + "\n\n" + retrieval_table(runs))
     figures(runs, Path(args.docs))
