@@ -107,7 +107,7 @@ def run(argv: list[str], timeout: float) -> tuple[int, str, float]:
 
 def step_rows(args) -> list[dict]:
     rows = []
-    for adapter in ADAPTERS:
+    for adapter in args.adapters:
         code, output, _ = run([sys.executable, "-m", "tools.gpu_check", "--row", adapter,
                                *(["--dry-run"] if args.dry_run else []),
                                "--batch", str(args.batch), "--out", str(args.out)], 300)
@@ -193,6 +193,8 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="CPU, fp32, eager, tiny: all but CUDA")
     p.add_argument("--batch", type=int, default=0,
                    help="step rows' batch size (default: 128 on GPU, 2 in a dry run)")
+    p.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=list(ADAPTERS),
+                   help="the step rows to measure (default: every design and baseline)")
     p.add_argument("--row", choices=ADAPTERS, help=argparse.SUPPRESS)  # one row, in a child
     args = p.parse_args(argv)
     args.batch = args.batch or (2 if args.dry_run else 128)
