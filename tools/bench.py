@@ -73,26 +73,18 @@ def bench_llm(dtype, batch, seq, compiled=False):
     last = torch.zeros(batch, seq, dtype=torch.bool)
     last[:, -8:] = True
 
-    def ours_step():
+    def ours_step(model=ours):
         x = ours.embed(idx).detach().requires_grad_(True)
-        ours(inputs_embeds=x, logits_at=last).float().logsumexp(-1).mean().backward()
+        model(inputs_embeds=x, logits_at=last).float().logsumexp(-1).mean().backward()
 
-    def ref_step():
+    def ref_step(model=ref):
         x = ref.model.embed_tokens(idx).detach().requires_grad_(True)
-        ref(inputs_embeds=x, logits_to_keep=8).logits.float().logsumexp(-1).mean().backward()
+        model(inputs_embeds=x, logits_to_keep=8).logits.float().logsumexp(-1).mean().backward()
 
     report(f"llm fwd+bwd frozen {batch}x{seq}", name, timed(ours_step, 3, 1), timed(ref_step, 3, 1))
     if compiled:  # both models compiled (inductor), each timed after its compile
         ours_c, ref_c = torch.compile(ours), torch.compile(ref)
-
-        def ours_compiled_step():
-            x = ours.embed(idx).detach().requires_grad_(True)
-            ours_c(inputs_embeds=x, logits_at=last).float().logsumexp(-1).mean().backward()
-
-        def ref_compiled_step():
-            x = ref.model.embed_tokens(idx).detach().requires_grad_(True)
-            ref_c(inputs_embeds=x, logits_to_keep=8).logits.float().logsumexp(-1).mean().backward()
-
+        ours_compiled_step, ref_compiled_step = lambda: ours_step(ours_c), lambda: ref_step(ref_c)
         compile_s = [timed(step, 1, 0) for step in (ours_compiled_step, ref_compiled_step)]
         print(f"compile + first step: ours {compile_s[0]:.0f} s, reference {compile_s[1]:.0f} s",
               flush=True)
