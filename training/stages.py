@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from evaluation.answerer import Answerer
 from evaluation.scoring import score_answers
 from training.config import init_dir, stage0_dir
 from vit import ViTConfig
-from vlm import TRAINABLE, Parts, VLMConfig, build_vlm, load_components, saved_components
+from vlm import TRAINABLE, Parts, VLMConfig, build_vlm, load_components
 from weights.checkpoint import CheckpointError, read_config, read_safetensors_file, save_json
 from weights.offline import minilm_folder, smollm2_folder
 
@@ -66,12 +66,21 @@ def build_job(cfg, env) -> Job:
 # ----------------------------------------------------------------------------- data
 
 
-def stage_data(cfg) -> tuple[Path, Path | None, Path]:
-    """(train json, val json, image root): the flags, or easy-vqa's files for this run."""
+class StageFiles(NamedTuple):
+    train: Path
+    val: Path | None
+    image_root: Path
+    balanced_val: Path | None   # easy-vqa's stage 2: the yes/no rows balanced per template
+
+
+def stage_data(cfg) -> StageFiles:
+    """The flags' files, or easy-vqa's for this run (prepared once)."""
     if cfg.data:
-        return Path(cfg.data), Path(cfg.val_data) if cfg.val_data else None, Path(cfg.image_root)
+        return StageFiles(Path(cfg.data), Path(cfg.val_data) if cfg.val_data else None,
+                          Path(cfg.image_root), None)
     files, kind = prepare_easyvqa(), training_kind({"task": cfg.task, "stage": cfg.stage})
-    return files[f"{kind}_train"], files[f"{kind}_val"], files["image_root"]
+    return StageFiles(files[f"{kind}_train"], files[f"{kind}_val"], files["image_root"],
+                      files["yesno-balanced_val"] if kind == "vqa" else None)
 
 
 def load_samples(path, root, cfg, env, pixels=None) -> list:
@@ -109,7 +118,7 @@ def stage0_job(cfg, env) -> Job:
     ViT and the Q-Former's query way (queries, cross-attention, query FFNs) learn to match
     easy-vqa's captions as encoded by the frozen MiniLM text way. Exported in the hub's
     CLIP-vision and BLIP-2 layouts, which later stages load through the same from_pretrained."""
-    train_file, val_file, root = stage_data(cfg)
+    train_file, val_file, root, _ = stage_data(cfg)
     samples = complete_captions(load_samples(train_file, root, cfg, env))
     val = complete_captions(load_val(val_file, root, cfg))
     model, processor, wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True)
@@ -182,12 +191,11 @@ def vlm_job(cfg, env) -> Job:
     init_from_previous_stage(model, cfg, env)
     model.set_stage(cfg.stage)
     pixels = ImageCache(parts.processor)
-    train_file, val_file, root = stage_data(cfg)
-    samples = load_samples(train_file, root, cfg, env, pixels)
-    val = fixed_subset(load_val(val_file, root, cfg), cfg.val_samples)
+    files = stage_data(cfg)
+    samples = load_samples(files.train, files.image_root, cfg, env, pixels)
+    val = fixed_subset(load_val(files.val, files.image_root, cfg), cfg.val_samples)
     # easy-vqa's stage 2 also validates on yes/no questions a question-only model answers at 50%
-    balanced = fixed_subset(load_val(prepare_easyvqa()["yesno-balanced_val"], root, cfg),
-                            cfg.val_samples) if not cfg.data and cfg.stage == 2 else []
+    balanced = fixed_subset(load_val(files.balanced_val, files.image_root, cfg), cfg.val_samples)
 
     def collate(rows):
         batch = vlm_batch(parts, pixels, [s.image for s in rows], [s.turns[0][0] for s in rows],
@@ -198,10 +206,8 @@ def vlm_job(cfg, env) -> Job:
     lrs = {"qformer": cfg.lr_qformer, "llm": cfg.lr_llm}
     groups = {name: (list(getattr(model, name).parameters()), lrs.get(name, cfg.lr))
               for name in TRAINABLE[cfg.adapter][cfg.stage]}
-    saved = [f"{n}.{k}" for n in saved_components(cfg.adapter, cfg.stage)
-             for k in getattr(model, n).state_dict()]
     return Job(model, samples, collate, groups, partial(answer_accuracy, parts, val, balanced, cfg),
-               saved, {"vlm": vcfg.to_dict(), "backbones": sources}, parts=parts)
+               list(model.trainable_state()), {"vlm": vcfg.to_dict(), "backbones": sources}, parts=parts)
 
 
 def init_from_previous_stage(model, cfg, env):
@@ -265,7 +271,7 @@ def retrieval_job(cfg, env) -> Job:
     model, processor, wordpiece = retrieval_model(stage0, cfg.adapter, mwa, env.device)
     env.log(f"initialised the dual encoder from {stage0 / 'model.safetensors'}")
     pixels, dev = ImageCache(processor), env.device
-    train_file, val_file, root = stage_data(cfg)
+    train_file, val_file, root, _ = stage_data(cfg)
     samples = complete_captions(load_samples(train_file, root, cfg, env))
     val = complete_captions(load_val(val_file, root, cfg))[:cfg.val_samples]
     captions = sorted({caption(s) for s in samples})
@@ -285,10 +291,8 @@ def retrieval_job(cfg, env) -> Job:
 
 
 def stage0_run(folder: Path) -> Path:
-    """The stage-0 run directory a retrieval run starts from, checked."""
-    if not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"--init {folder}: no model.safetensors; retrieval starts from a "
-                              "stage-0 run directory (`python train.py --stage 0`)")
+    """The stage-0 run directory a retrieval run starts from, checked to be one (that it
+    holds weights, training.config.check_prerequisites checked before anything ran)."""
     saved = read_config(folder)["train"]
     if saved.get("task", "vqa") != "vqa" or saved["stage"] != 0:
         raise CheckpointError(f"--init {folder}: not a stage-0 run directory")
