@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 import tiny
 import train
 from weights.offline import minilm_folder, smollm2_folder
-from data.collate import encode_example, pad_batch
+from data.collate import encode_example, pad_batch, vlm_batch
 from data.dataset import load_conversations
 from model import LLM
 from qformer import QFormer
@@ -341,6 +342,35 @@ def test_labels_cover_only_the_answer_and_end_of_turn(smollm2, vqa_rows):
 
         prompt = encode_example(smollm2, SYSTEM, question, None, N_VISUAL)
         assert prompt.input_ids == e.input_ids[:labelled[0]] and set(prompt.labels) == {-100}
+
+
+# Today's token ids of two single-turn easy-vqa rows, pinned before multi-turn conversations
+# and text-only rows were added: the single-turn path must stay byte-identical.
+HEAD = [1, 9690, 198, 2, 198, 1, 4093, 198]                       # system + user header
+ASSISTANT = [2, 198, 1, 520, 9531, 198]                            # end of turn + assistant header
+PINNED_QUESTIONS = [[198, 5588, 2380, 314, 260, 14973, 47],            # "\nwhat color is the triangle?"
+                    [198, 26802, 451, 2443, 441, 2127, 253, 7842, 47]]  # "\ndoes this image not ..."
+PINNED_ANSWERS = [[16591, 2], [10407, 2]]                          # "blue", "yes" + <|im_end|>
+
+
+def test_single_turn_ids_are_pinned(smollm2):
+    parts = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(system_prompt=""), n_visual=4),
+                            tok=smollm2, wordpiece=None)
+    questions = ["what color is the triangle?", "does this image not contain a circle?"]
+    pixels = lambda images: torch.zeros(len(images), 3, 2, 2)  # noqa: E731
+    train = vlm_batch(parts, pixels, ["a", "b"], questions, ["blue", "yes"])
+    prompts = [HEAD + [0] * 4 + q + ASSISTANT for q in PINNED_QUESTIONS]
+    rows = [p + a for p, a in zip(prompts, PINNED_ANSWERS)]
+    assert train["input_ids"].tolist() == [rows[0] + [0, 0], rows[1]]
+    assert train["labels"].tolist() == [[-100] * 25 + [16591, 2, -100, -100],
+                                        [-100] * 27 + [10407, 2]]
+    assert train["image_mask"].long().tolist() == [[0] * 8 + [1] * 4 + [0] * 17] * 2
+    generate = vlm_batch(parts, pixels, ["a", "b"], questions)
+    assert generate["input_ids"].tolist() == [[0, 0] + prompts[0], prompts[1]]
+    assert generate["attn_mask"].tolist() == [[0, 0] + [1] * 25, [1] * 27]
+    assert generate["image_mask"].long().tolist() == [[0] * 10 + [1] * 4 + [0] * 13,
+                                                      [0] * 8 + [1] * 4 + [0] * 15]
+    assert set(generate["labels"].flatten().tolist()) == {-100}
 
 
 def test_truncation_cuts_the_question_never_the_answer(smollm2, vqa_rows):
