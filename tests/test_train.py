@@ -29,6 +29,7 @@ from text.wordpiece import WordPieceTokenizer
 from text.tokenizer import load_tokenizer
 from vit import ImageProcessor, ViT
 from training.config import TrainConfig, needs_offline_towers, resolve
+from weights.checkpoint import CheckpointError
 from vlm import DESIGNS, TRAINABLE, load_run, saved_components
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +300,80 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(assets, tmp_path,
     assert all(abs(a[s] - b[s]) <= 1e-5 + 1e-9 for s in a), (a, b)  # logged rounded to 5 decimals
     assert_same_tensors(weights(run_ddp), weights(run_one), atol=1e-5)
     assert len(records(run_ddp)) == steps + 1  # only rank 0 writes: one line per step + validation
+
+
+# ----------------------------------------------------------------------------- hub Q-Formers (CROME)
+
+
+@pytest.fixture(scope="module")
+def hub_qformers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hub_qformers")
+    return {"instructblip": tiny.write_instructblip(base / "instructblip"),
+            "blip2": tiny.write_blip2(base / "blip2", text_way=False),
+            "blip2_text": tiny.write_blip2(base / "blip2_text", text_way=True),
+            "bert": tiny.write_bert(base / "bert"),
+            "wide": tiny.write_instructblip(base / "wide", vision_width=48)}
+
+
+def crome_loss(job) -> torch.Tensor:
+    loss = job.model(job.batch([0, 1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    return loss
+
+
+def test_crome_trains_on_an_instructblip_folder_and_its_qformer_tokenizer(assets, hub_qformers,
+                                                                           tmp_path, main):
+    folder = hub_qformers["instructblip"]
+    assert (folder / "qformer_tokenizer" / "tokenizer.json").is_file()
+    assert not (folder / "vocab.txt").exists()   # the folder's tokenizer.json is the LLM's
+    main(flags(assets, tmp_path, 2, "crome", 2, "--qformer", str(folder)))
+    run = tmp_path / "crome" / "stage2"
+    check_run_dir(run, "crome", 2, 2)
+    backbones = json.loads((run / "config.json").read_text())["backbones"]
+    assert (backbones["qformer"], backbones["qformer_tokenizer"]) == (str(folder), None)
+    parts = load_run(run, bf16=False)
+    minilm = WordPieceTokenizer.from_pretrained(minilm_folder())
+    question = "What colour is the shape, and is it naïve?"
+    assert parts.wordpiece.encode(question) == minilm.encode(question)
+
+
+def test_a_blip2_qformer_with_a_text_way_needs_qformer_tokenizer(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["blip2_text"]))
+    with pytest.raises(CheckpointError, match="pass --qformer-tokenizer") as error:
+        tiny.job_for(argv)
+    assert "\n" not in str(error.value)
+    _, _, job = tiny.job_for(argv + ["--qformer-tokenizer", str(minilm_folder())])
+    assert job.config["backbones"]["qformer_tokenizer"] == str(minilm_folder().resolve())
+    assert "instr_ids" in job.batch([0])
+    crome_loss(job)
+
+
+def test_a_blip2_qformer_without_a_text_way_reads_no_instruction(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["blip2"]))
+    _, _, job = tiny.job_for(argv)
+    assert job.parts.wordpiece is None and "instr_ids" not in job.batch([0])
+    crome_loss(job)
+    with pytest.raises(ValueError, match="has no text way"):
+        tiny.job_for(argv + ["--qformer-tokenizer", str(minilm_folder())])
+
+
+def test_a_bert_folder_initialises_the_qformer_at_the_vision_width(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["bert"]))
+    _, _, job = tiny.job_for(argv)
+    qformer = job.model.qformer
+    assert qformer.config.encoder_hidden_size == tiny.VIT["hidden_size"]
+    assert qformer.layers[0].cross_attn.key.weight.shape[1] == tiny.VIT["hidden_size"]
+    again = tiny.job_for(argv)[2].model.qformer   # the fresh parts are the same every build
+    assert_same_tensors(qformer.state_dict(), again.state_dict())
+    crome_loss(job)
+
+
+def test_a_vision_qformer_width_mismatch_names_both_widths(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["wide"]))
+    with pytest.raises(ValueError, match=r"features are 32 wide.*reads 48-wide") as error:
+        tiny.job_for(argv)
+    assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- labels on real rows

