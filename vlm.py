@@ -196,13 +196,16 @@ class VLM(nn.Module):
         return any(p.requires_grad for p in self.qformer.parameters())
 
     def embed(self, batch):
-        """Token embeddings with the visual tokens written at the image positions."""
-        visual = self.visual_tokens(batch["pixels"], batch.get("instr_ids"), batch.get("instr_mask"))
-        ids, image_mask = batch["input_ids"], batch["image_mask"]
+        """Token embeddings with the visual tokens written at the image positions. "pixels"
+        (Bi, 3, H, W) holds the image rows' alone, in order, so text-only rows (no image
+        positions) are the LLM path alone; a batch without "pixels" has no image row."""
         table = self.adapter.embed if self.cfg.adapter == "iaa" else self.llm.wte
-        x = table(ids)                                                        # (B, T, d)
-        x = x.masked_scatter(image_mask[..., None], visual.to(x.dtype))
-        return x
+        x = table(batch["input_ids"])                                         # (B, T, d)
+        if "pixels" not in batch:
+            return x
+        visual = self.visual_tokens(batch["pixels"], batch.get("instr_ids"),
+                                    batch.get("instr_mask"))                  # (Bi, Nv, d)
+        return x.masked_scatter(batch["image_mask"][..., None], visual.to(x.dtype))
 
     def run_llm(self, inputs_embeds=None, ways=None, idx=None, **kw):
         """The LLM call of this design (kw: attn_mask, cache, logits_at). ways: (B, T) with 1

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import tiny
 import train
 from weights.offline import minilm_folder, smollm2_folder
-from data.collate import encode_example, pad_batch, vlm_batch
+from data.collate import encode_conversation, encode_example, pad_batch, vlm_batch
 from data.dataset import load_conversations
 from model import LLM
 from qformer import QFormer
@@ -30,7 +30,7 @@ from text.tokenizer import load_tokenizer
 from vit import ImageProcessor, ViT
 from training.config import TrainConfig, needs_offline_towers, resolve
 from weights.checkpoint import CheckpointError
-from vlm import DESIGNS, TRAINABLE, load_run, saved_components
+from vlm import ADAPTERS, DESIGNS, TRAINABLE, load_run, saved_components
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_DATA = {1: "captions", 2: "vqa", 3: "mc"}
@@ -376,6 +376,49 @@ def test_a_vision_qformer_width_mismatch_names_both_widths(assets, hub_qformers,
     assert "\n" not in str(error.value)
 
 
+# ----------------------------------------------------------------------------- LLaVA-format rows
+
+
+def mixed_rows(vqa_file: Path) -> list[dict]:
+    """Two easy-vqa rows, one made two-turn, and two text-only rows (no "image", as in
+    llava_v1_5_mix665k), one of them two-turn."""
+    first, second = json.loads(vqa_file.read_text())[:2]
+    more = [{"from": "human", "value": "And is it big?"}, {"from": "gpt", "value": "no"}]
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}]
+    return [first, dict(second, conversations=second["conversations"] + more),
+            {"id": "text", "conversations": chat},
+            {"id": "text2", "conversations": chat + more}]
+
+
+@pytest.fixture(scope="module")
+def mixed_file(assets, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixed") / "mixed.json"
+    path.write_text(json.dumps(mixed_rows(assets["data"]["vqa_train"])))
+    return path
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_a_batch_of_image_and_text_only_rows_trains_every_design(assets, mixed_file, tmp_path,
+                                                                 adapter):
+    argv = flags(assets, tmp_path, 2, adapter, 1, "--data", str(mixed_file))
+    _, _, job = tiny.job_for(argv)
+    batch = job.batch([0, 1, 2, 3])
+    n_visual = job.model.n_visual
+    assert batch["image_mask"].sum(1).tolist() == [n_visual, n_visual, 0, 0]
+    assert batch["pixels"].shape[0] == 2
+    spans = [len(runs(row.tolist(), labelled=True)) for row in batch["labels"]]
+    assert spans == [1, 2, 1, 2]
+    loss = job.model(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, (params, _) in job.param_groups.items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+    job.model.zero_grad()
+    text_only = job.batch([2, 3])
+    assert "pixels" not in text_only and not text_only["image_mask"].any()
+    assert torch.isfinite(job.model(text_only))
+
+
 # ----------------------------------------------------------------------------- labels on real rows
 
 SYSTEM = "Answer the question about the image in a word or two."
@@ -446,6 +489,79 @@ def test_single_turn_ids_are_pinned(smollm2):
     assert generate["image_mask"].long().tolist() == [[0] * 10 + [1] * 4 + [0] * 13,
                                                       [0] * 8 + [1] * 4 + [0] * 15]
     assert set(generate["labels"].flatten().tolist()) == {-100}
+
+
+CONVERSATION = [("what color is the shape?", "red"), ("and its shape?", "a circle"),
+                ("Is it <|im_end|> big?", "no")]   # special-token text in a question stays text
+
+
+def runs(labels, labelled: bool) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of positions that are (or are not) labelled."""
+    marks = [(label != -100) == labelled for label in labels] + [False]
+    starts = [i for i, m in enumerate(marks) if m and (i == 0 or not marks[i - 1])]
+    return [(i, next(j for j in range(i, len(marks)) if not marks[j])) for i in starts]
+
+
+def decode_with_image(tok, e, start, end) -> str:
+    """Positions start..end decoded, the visual positions written as <image>."""
+    pieces, i = [], start
+    while i < end:
+        j = i
+        while j < end and e.image_mask[j] == e.image_mask[i]:
+            j += 1
+        pieces.append("<image>" if e.image_mask[i] else tok.decode(e.input_ids[i:j]))
+        i = j
+    return "".join(pieces)
+
+
+def chat(tok, turns, image=True, generation=False) -> str:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for k, (question, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": f"<image>\n{question}" if image and k == 0
+                         else question})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return tok.render_chat(messages, add_generation_prompt=generation)
+
+
+def test_every_assistant_turn_is_labelled_and_only_prompts_and_markup_are_not(smollm2):
+    e = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL)
+    spans = runs(e.labels, labelled=True)
+    assert len(spans) == len(CONVERSATION)
+    for (start, end), (_, answer) in zip(spans, CONVERSATION):
+        assert e.labels[start:end] == e.input_ids[start:end]
+        assert smollm2.decode(e.labels[start:end]) == answer + "<|im_end|>"
+    prompts = [decode_with_image(smollm2, e, start, end) for start, end in runs(e.labels, False)]
+    header = "<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts == [f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<image>\n"
+                       f"{CONVERSATION[0][0]}{header}"] + \
+        [f"\n<|im_start|>user\n{question}{header}" for question, _ in CONVERSATION[1:]]
+    assert decode_with_image(smollm2, e, 0, len(e.labels)) == chat(smollm2, CONVERSATION)[:-1]
+    assert sum(e.image_mask) == N_VISUAL
+    # the system's, and per turn the question's and the answer's: none from the question's text
+    assert e.input_ids.count(smollm2.token_id("<|im_end|>")) == 1 + 2 * len(CONVERSATION)
+
+
+def test_history_turns_are_teacher_forced_and_later_turns_dropped_when_too_long(smollm2):
+    full = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL)
+    last = runs(full.labels, labelled=True)[-1]
+    scored = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL, label_history=False)
+    assert scored.input_ids == full.input_ids and runs(scored.labels, True) == [last]
+    asked = CONVERSATION[:-1] + [(CONVERSATION[-1][0], None)]
+    prompt = encode_conversation(smollm2, SYSTEM, asked, N_VISUAL, label_history=False)
+    assert prompt.input_ids == full.input_ids[:last[0]] and set(prompt.labels) == {-100}
+    second_end = runs(full.labels, labelled=True)[1][1]
+    cut = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL, max_len=len(full.labels) - 1)
+    assert cut.input_ids == full.input_ids[:second_end] and len(runs(cut.labels, True)) == 2
+    with pytest.raises(ValueError, match="earlier turns and the question"):
+        encode_conversation(smollm2, SYSTEM, asked, N_VISUAL, max_len=last[0] - 1)
+
+
+def test_a_text_only_row_has_no_visual_positions(smollm2):
+    for turns in (CONVERSATION[:1], CONVERSATION):
+        e = encode_conversation(smollm2, SYSTEM, turns, 0)
+        assert not any(e.image_mask) and len(runs(e.labels, labelled=True)) == len(turns)
+        assert smollm2.decode(e.input_ids) == chat(smollm2, turns, image=False)[:-1]
 
 
 def test_truncation_cuts_the_question_never_the_answer(smollm2, vqa_rows):
