@@ -45,11 +45,12 @@ def encode_conversation(tok, system: str, turns: list, n_visual: int, max_len: i
     label_history=False only the last one (scoring an answer given the earlier turns).
     Truncation rule: an over-long first turn loses tokens from the end of its question, never
     the chat markup or the answer (a first turn whose answer, image and markup alone exceed
-    max_len is an error that says so); later turns that do not fit are dropped whole, except
-    that a generation prompt's question must fit (an error otherwise)."""
+    max_len is an error that says so); later turns that do not fit are dropped whole in
+    training, while a generation prompt or a scored last answer must fit whole (an error
+    otherwise)."""
     head, segments = chat_segments(tok, system, turns, n_visual > 0)
-    segments = fit(segments, math.inf if max_len is None else max_len, len(head), n_visual,
-                   generating=turns[-1][1] is None)
+    whole = turns[-1][1] is None or not label_history
+    segments = fit(segments, math.inf if max_len is None else max_len, len(head), n_visual, whole)
     ids = head + [0] * n_visual
     labels = [-100] * len(ids)
     for k, (prompt, reply) in enumerate(segments):
@@ -90,9 +91,10 @@ def chat_segments(tok, system: str, turns: list, image: bool) -> tuple[list, lis
 
 
 def fit(segments: list, max_len: int, n_head: int, n_visual: int,
-        generating: bool) -> list[tuple[list, list]]:
+        whole: bool) -> list[tuple[list, list]]:
     """(prompt, reply) id lists per turn within max_len, by encode_conversation's truncation
-    rule; n_head and n_visual tokens come before the first turn."""
+    rule (whole: no later turn may be dropped); n_head and n_visual tokens come before the first
+    turn."""
     (markup, question, header, reply), *later = segments
     fixed = n_head + n_visual + len(markup) + len(header) + len(reply)
     if fixed + len(question) > max_len:
@@ -105,7 +107,7 @@ def fit(segments: list, max_len: int, n_head: int, n_visual: int,
     for markup, question, header, reply in later:
         size = len(markup) + len(question) + len(header) + len(reply)
         if used + size > max_len:
-            if generating:
+            if whole:
                 raise ValueError(f"the earlier turns and the question ({used + size} tokens) do "
                                  f"not fit in max_len={max_len}")
             break
@@ -162,7 +164,7 @@ def vlm_batch(parts, pixels, images, questions, answers=None, max_len=None, row_
     if with_image:
         batch["pixels"] = pixels([images[i] for i in with_image])
     if with_image and parts.wordpiece is not None:
-        first = [(list(histories[i]) + [(questions[i], None)])[0][0] for i in with_image]
+        first = [histories[i][0][0] if histories[i] else questions[i] for i in with_image]
         batch["instr_ids"], batch["instr_mask"] = parts.wordpiece(
             first, max_length=model.cfg.max_instruction_len)
     return batch

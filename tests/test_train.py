@@ -555,6 +555,9 @@ def test_history_turns_are_teacher_forced_and_later_turns_dropped_when_too_long(
     assert cut.input_ids == full.input_ids[:second_end] and len(runs(cut.labels, True)) == 2
     with pytest.raises(ValueError, match="earlier turns and the question"):
         encode_conversation(smollm2, SYSTEM, asked, N_VISUAL, max_len=last[0] - 1)
+    with pytest.raises(ValueError, match="earlier turns and the question"):  # a scored answer
+        encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL, max_len=len(full.labels) - 1,
+                            label_history=False)
 
 
 def test_a_text_only_row_has_no_visual_positions(smollm2):
