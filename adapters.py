@@ -105,6 +105,10 @@ class InnerAdaptor(nn.Module):
         super().__init__()
         n = llm.config.n_layer
         self.insert_after = tuple(cfg.insert_after or iaa_insert_after(n, cfg.n_insert))
+        repeated = sorted({i for i in self.insert_after if self.insert_after.count(i) > 1})
+        if repeated:
+            raise ValueError(f"insert_after {self.insert_after} names frozen layer(s) {repeated} "
+                             "more than once: one insertion layer per frozen layer")
         if not all(0 <= i < n for i in self.insert_after):
             raise ValueError(f"insert_after {self.insert_after} outside 0..{n - 1}")
         self.embed = copy.deepcopy(llm.wte)
@@ -136,10 +140,16 @@ class InnerAdaptor(nn.Module):
         return self.lm_head(self.norm_f(x))
 
     def new_cache(self, llm, batch, max_len):
-        """One KV cache covering both stacks: frozen layers, then the insertion layers."""
+        """One KV cache covering both stacks, each slot in its own stack's dtype: the frozen
+        layers' (slots 0..L-1) in the LLM's (e.g. bf16), the insertion layers' after them in
+        the adaptor's (fp32 when it trains in fp32)."""
         cfg, ref = llm.config, self.embed.weight
-        return KVCache(cfg.n_layer + len(self.layers), batch, cfg.n_kv_head, max_len,
-                       cfg.head_dim, ref.dtype, ref.device)
+        cache = llm.new_cache(batch, max_len)
+        inserted = KVCache(len(self.layers), batch, cfg.n_kv_head, max_len, cfg.head_dim,
+                           ref.dtype, ref.device)
+        cache.k += inserted.k
+        cache.v += inserted.v
+        return cache
 
 
 # ----------------------------------------------------------------------------- MWA

@@ -29,8 +29,11 @@ Which rows get which metric:
   captions          every other row of a stage-1 run: exact match after normalize_answer.
   open-ended        every other row: normalised exact match (the VQA convention, simplified),
                     overall and per question type (the row's "type" field when present).
-Rows with more than one turn are skipped (and counted). Generation is greedy and batched with
-the KV cache (VLM.generate, through evaluation.answerer.Answerer). Outputs, next to the run by
+Multi-turn rows: each assistant turn is one question, answered given the row's earlier turns as
+they are (teacher-forced history, data.dataset.turn_samples) and scored like any other row; the
+turns of multi-turn rows are also scored together under "multi_turn". Text-only rows (no image)
+are answered by the LLM path alone. Generation is greedy and batched with the KV cache
+(VLM.generate, through evaluation.answerer.Answerer). Outputs, next to the run by
 default: eval_<split>.json (metrics and every prediction), eval_<split>.md (the metrics table),
 eval_<split>.png (16 examples, green = right, red = wrong).
 
@@ -65,7 +68,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from data.collate import ImageCache
-from data.dataset import load_conversations, load_image
+from data.dataset import load_conversations, load_image, turn_samples
 from data.easyvqa import complete_captions, prepare_easyvqa, training_kind
 from dual_encoder import CAPTION_TOKENS, load_retrieval_run
 from evaluation.answerer import Answerer
@@ -144,22 +147,25 @@ def evaluate_retrieval(model, wordpiece, pixels, samples, batch_size=64) -> tupl
 
 
 def evaluate(answerer, samples, stage: int) -> tuple[dict, list[dict]]:
-    """Metrics for single-turn samples (see the module docstring) and one record per row."""
+    """Metrics (see the module docstring) and one record per question: per sample, its last
+    turn given the earlier ones (data.dataset.turn_samples makes one sample per turn)."""
     t0 = time.time()
-    images, questions = [s.image for s in samples], [s.turns[0][0] for s in samples]
-    predictions = answerer.generate(images, questions)
+    images, questions = [s.image for s in samples], [s.turns[-1][0] for s in samples]
+    histories = [s.turns[:-1] for s in samples]
+    predictions = answerer.generate(images, questions, histories)
     mc = [i for i, s in enumerate(samples) if is_multiple_choice(s)]
     other = sorted(set(range(len(samples))) - set(mc))
     chosen, by_text = {}, {}
     if mc:
         options = {i: option_texts(samples[i]) for i in mc}
         n_options = [len(options[i]) or len(MC_LETTERS) for i in mc]
-        chosen = dict(zip(mc, answerer.choose_letters([images[i] for i in mc],
-                                                      [questions[i] for i in mc], n_options)))
+        chosen = dict(zip(mc, answerer.choose_letters(
+            [images[i] for i in mc], [questions[i] for i in mc], n_options,
+            [histories[i] for i in mc])))
         listed = [i for i in mc if options[i]]
         by_text = dict(zip(listed, answerer.choose_options(
             [images[i] for i in listed], [question_stem(questions[i]) for i in listed],
-            [options[i] for i in listed])))
+            [options[i] for i in listed], [histories[i] for i in listed])))
     metrics = {}
     if other:
         metrics["caption" if stage == 1 else "open_ended"] = score_answers(
@@ -172,19 +178,25 @@ def evaluate(answerer, samples, stage: int) -> tuple[dict, list[dict]]:
         if by_text:
             metrics["multiple_choice"]["option_likelihood"] = score_answers(
                 [samples[i] for i in by_text], list(by_text.values()), True)
+    turns = [i for i, s in enumerate(samples) if "turn" in s.extra]
+    if turns:
+        metrics["multi_turn"] = score_answers([samples[i] for i in turns],
+                                              [predictions[i] for i in turns]) | {
+            "rows": len({samples[i].id.rsplit("/", 1)[0] for i in turns})}
     dt = time.time() - t0
     metrics["n"], metrics["seconds"] = len(samples), round(dt, 1)
     metrics["samples_per_s"] = round(len(samples) / max(dt, 1e-9), 2)
     records = []
     for i, (s, pred) in enumerate(zip(samples, predictions)):
-        truth = s.turns[0][1]
+        truth = s.turns[-1][1]
         correct = extract_letter(pred) == truth.strip() if i in chosen else \
             normalize_answer(pred) == normalize_answer(truth)
-        records.append({"id": s.id, "image": str(s.image), "question": questions[i],
-                        "truth": truth, "prediction": pred, "correct": correct,
+        records.append({"id": s.id, "image": None if s.image is None else str(s.image),
+                        "question": questions[i], "truth": truth, "prediction": pred,
+                        "correct": correct,
                         **({"likelihood_choice": chosen[i]} if i in chosen else {}),
                         **({"option_choice": by_text[i]} if i in by_text else {}),
-                        **{k: s.extra[k] for k in ("type", "answer_text") if k in s.extra}})
+                        **{k: s.extra[k] for k in ("type", "answer_text", "turn") if k in s.extra}})
     return metrics, records
 
 
@@ -228,7 +240,7 @@ def letter_probe(llm_source: str, samples, system_prompt: str = "") -> dict:
     letters = [tok.encode(c)[0] for c in MC_LETTERS]
     choices = []
     for s in samples:
-        options, (question, truth) = option_texts(s), s.turns[0]
+        options, (question, truth) = option_texts(s), s.turns[-1]
         told = f"The answer is {options[MC_LETTERS.index(truth.strip())]}.\n{question}"
         prompt = tok.render_chat([{"role": "system", "content": system_prompt},
                                   {"role": "user", "content": told}], add_generation_prompt=True)
@@ -265,7 +277,8 @@ def draw_grid(records, path, size=GRID_SIZE, cell=(224, 184), thumb=112):
     draw = ImageDraw.Draw(sheet)
     for i, rec in enumerate(records[:size]):
         x, y = (i % cols) * cell[0], (i // cols) * cell[1]
-        sheet.paste(load_image(rec["image"]).resize((thumb, thumb)), (x + 4, y + 4))
+        if rec["image"] is not None:   # a text-only row leaves its thumbnail blank
+            sheet.paste(load_image(rec["image"]).resize((thumb, thumb)), (x + 4, y + 4))
         lines = textwrap.wrap(rec["question"].split("\n")[0], 36)[:3]
         ty = y + thumb + 8
         for line in lines:
@@ -391,16 +404,13 @@ def main(argv=None) -> dict:
         print(answer)
         return {"answer": answer}
     data, root, name = eval_data(saved["train"], args)
-    samples, _ = load_conversations(data, root)
-    single = [s for s in samples if len(s.turns) == 1]
-    multi_turn = len(samples) - len(single)
-    single = subset(single, args.limit)
-    print(f"evaluating {run} on {data}: {len(single)} rows", flush=True)
-    metrics, records = evaluate(answerer, single, saved["train"]["stage"])
-    metrics["skipped_multi_turn"] = multi_turn
+    rows = subset(load_conversations(data, root)[0], args.limit)
+    questions = turn_samples(rows)
+    print(f"evaluating {run} on {data}: {len(rows)} rows, {len(questions)} questions", flush=True)
+    metrics, records = evaluate(answerer, questions, saved["train"]["stage"])
     if args.text_ppl:
         metrics["text_ppl"] = text_ppl_report(parts, saved["backbones"]["llm"], bf16)
-    probed = [s for s in single if is_multiple_choice(s) and option_texts(s)]
+    probed = [s for s in questions if is_multiple_choice(s) and option_texts(s)]
     if args.letter_probe and probed:
         metrics["letter_probe"] = letter_probe(saved["backbones"]["llm"], probed,
                                                parts.model.cfg.system_prompt)

@@ -32,7 +32,7 @@ from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWACon
 from model import LLM, generate
 from qformer import QFormer
 from text.tokenizer import Tokenizer, load_tokenizer
-from text.wordpiece import WordPieceTokenizer
+from text.wordpiece import VOCAB_FILES, WordPieceTokenizer
 from vit import ImageProcessor, ViT
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
                                 resolve_checkpoint)
@@ -40,6 +40,7 @@ from weights.checkpoint import (CheckpointError, load_strict, read_config, read_
 DESIGNS = ("crome", "iaa", "mwa")
 BASELINES = ("llava", "full")   # the connector alone; the connector and the whole LLM
 ADAPTERS = DESIGNS + BASELINES
+QFORMER_VOCAB_DIR = "qformer_tokenizer"   # InstructBLIP repos keep the Q-Former's vocabulary here
 
 # Which components train, per design and stage (1 pretraining, 2 instruction tuning,
 # 3 task fine-tuning). CROME's rows are the paper's Fig. 3; IAA and MWA follow the same
@@ -125,6 +126,11 @@ class VLM(nn.Module):
         if cfg.adapter == "crome":
             if qformer is None:
                 raise ValueError("CROME needs a Q-Former")
+            if qformer.config.encoder_hidden_size != dv:
+                raise ValueError(f"the vision tower's features are {dv} wide, but the Q-Former's "
+                                 f"cross-attention reads {qformer.config.encoder_hidden_size}-wide "
+                                 "ones (encoder_hidden_size): pair --qformer with the vision "
+                                 "tower it was trained on, or initialise it from BERT")
             self.qformer = qformer
             self.qformer_proj = nn.Linear(qformer.config.hidden_size, d)
             self.adapter = CROMEAdapter(d, cfg.crome)
@@ -190,13 +196,16 @@ class VLM(nn.Module):
         return any(p.requires_grad for p in self.qformer.parameters())
 
     def embed(self, batch):
-        """Token embeddings with the visual tokens written at the image positions."""
-        visual = self.visual_tokens(batch["pixels"], batch.get("instr_ids"), batch.get("instr_mask"))
-        ids, image_mask = batch["input_ids"], batch["image_mask"]
+        """Token embeddings with the visual tokens written at the image positions. "pixels"
+        (Bi, 3, H, W) holds the image rows' alone, in order, so text-only rows (no image
+        positions) are the LLM path alone; a batch without "pixels" has no image row."""
         table = self.adapter.embed if self.cfg.adapter == "iaa" else self.llm.wte
-        x = table(ids)                                                        # (B, T, d)
-        x = x.masked_scatter(image_mask[..., None], visual.to(x.dtype))
-        return x
+        x = table(batch["input_ids"])                                         # (B, T, d)
+        if "pixels" not in batch:
+            return x
+        visual = self.visual_tokens(batch["pixels"], batch.get("instr_ids"),
+                                    batch.get("instr_mask"))                  # (Bi, Nv, d)
+        return x.masked_scatter(batch["image_mask"][..., None], visual.to(x.dtype))
 
     def run_llm(self, inputs_embeds=None, ways=None, idx=None, **kw):
         """The LLM call of this design (kw: attn_mask, cache, logits_at). ways: (B, T) with 1
@@ -244,20 +253,68 @@ class Parts:
 
 
 def build_vlm(vcfg: VLMConfig, llm: str, vision: str, qformer: str | None, bf16: bool,
-              device) -> Parts:
-    """Backbones from hub ids / folders, composed into a VLM (a Q-Former only for CROME). The
-    frozen LLM is stored in bf16 when training in bf16; every component that may train stays
-    fp32 (autocast does the bf16 math)."""
+              device, qformer_tokenizer: str | None = None) -> Parts:
+    """Backbones from hub ids / folders, composed into a VLM (a Q-Former and its vocabulary,
+    see qformer_wordpiece, only for CROME). The frozen LLM is stored in bf16 when training in
+    bf16; every component that may train stays fp32 (autocast does the bf16 math)."""
     llm_model = LLM.from_pretrained(llm, dtype=torch.bfloat16 if bf16 else None)
-    crome = vcfg.adapter == "crome"
-    vlm = VLM(vcfg, llm_model, ViT.from_pretrained(vision),
-              QFormer.from_pretrained(qformer) if crome else None)
+    vision_model = ViT.from_pretrained(vision)
+    qformer_model = None
+    if vcfg.adapter == "crome":
+        qformer_model = load_qformer(qformer, vision_model.config.hidden_size)
+    vlm = VLM(vcfg, llm_model, vision_model, qformer_model)
     for name in set(saved_components(vcfg.adapter, 3)) - {"qformer"}:
         getattr(vlm, name).float()
     processor_folder = resolve_checkpoint(vision, ("preprocessor_config.json",))
     processor = ImageProcessor.from_hf(read_config(processor_folder, "preprocessor_config.json"))
     return Parts(vlm.to(device), load_tokenizer(llm),
-                 WordPieceTokenizer.from_pretrained(qformer) if crome else None, processor)
+                 instruction_wordpiece(qformer_model, qformer, qformer_tokenizer), processor)
+
+
+def instruction_wordpiece(qformer_model, qformer: str, tokenizer: str | None):
+    """The WordPiece tokenizer of the instruction CROME's Q-Former reads (InstructBLIP), or None
+    where there is no Q-Former or it has no text way (a BLIP-2 generation checkpoint): its
+    queries then do not read the instruction, as in BLIP-2 (ours: CROME's paper uses
+    InstructBLIP's instruction-aware Q-Former)."""
+    if qformer_model is None:
+        return None
+    if not qformer_model.config.use_text_input:
+        if tokenizer:
+            raise ValueError(f"--qformer-tokenizer {tokenizer}: the Q-Former {qformer} has no "
+                             "text way, so it reads no instruction and needs no vocabulary")
+        return None
+    return qformer_wordpiece(qformer, tokenizer)
+
+
+def load_qformer(source: str, vision_width: int) -> QFormer:
+    """A BLIP-2 / InstructBLIP Q-Former as saved (VLM checks that it reads the vision tower's
+    width), or a BERT checkpoint initialised the BLIP-2 way with cross-attention to
+    vision_width-wide features. The fresh parts of a BERT initialisation are drawn from a fixed
+    seed (ours), so load_run rebuilds the same Q-Former where a stage did not save it."""
+    folder = resolve_checkpoint(source)
+    if read_config(folder).get("model_type") != "bert":
+        return QFormer.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return QFormer.from_pretrained(folder, encoder_hidden_size=vision_width)
+
+
+def qformer_wordpiece(qformer: str, tokenizer: str | None = None) -> WordPieceTokenizer:
+    """The Q-Former's WordPiece vocabulary: `tokenizer` (hub id or folder) when given, else the
+    Q-Former folder's own, else its qformer_tokenizer/ subfolder (where InstructBLIP repos and
+    InstructBlipProcessor.save_pretrained keep it). BLIP-2 repos hold none."""
+    if tokenizer:
+        return WordPieceTokenizer.from_pretrained(tokenizer)
+    folder = resolve_checkpoint(qformer, VOCAB_FILES + tuple(f"{QFORMER_VOCAB_DIR}/{name}"
+                                                             for name in VOCAB_FILES))
+    for place in (folder, folder / QFORMER_VOCAB_DIR):
+        found = WordPieceTokenizer.from_folder(place)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{qformer}: no Q-Former WordPiece vocabulary (vocab.txt or a WordPiece "
+                          f"tokenizer.json, in the folder or its {QFORMER_VOCAB_DIR}/); BLIP-2 "
+                          "repos carry none: pass --qformer-tokenizer google-bert/bert-base-uncased "
+                          "(BLIP-2's vocabulary) or a folder holding one")
 
 
 def load_components(model: VLM, state: dict, source: str) -> list[str]:

@@ -1,12 +1,17 @@
 """
-Turning samples into model inputs: the chat prompt with the image placeholder expanded to the
-model's visual-token count, labels that are -100 everywhere but the answer, and batching
+Turning samples into model inputs: the chat conversation with the image placeholder expanded to
+the model's visual-token count, labels that are -100 everywhere but the answers, and batching
 (right padding for training, left padding for generation).
 
-One example, as token positions:
+One example, as token positions (a text-only row has no visual positions):
     [system + user header] [visual x Nv] [question + assistant header] [answer + end]
     labels: -100 ...          -100 ...        -100 ...                  answer ids, end id
+A multi-turn conversation continues with [user header + question + assistant header]
+[answer + end] for each later turn, every answer labelled (the prompts and markup -100), as
+LLaVA supervises every assistant turn.
 """
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,40 +20,100 @@ from PIL import Image
 from data.dataset import DataError, load_image
 
 IMAGE = "<image>"
-QUESTION = "<question>"  # where the question goes in the rendered template
+QUESTION = "<question>"  # where each question goes in the rendered template
+ANSWER = "<answer>"      # where each earlier answer goes
 
 
 @dataclass
 class Encoded:
     input_ids: list        # token ids; 0 at visual positions (overwritten by the model)
     image_mask: list       # 1 at the Nv visual positions
-    labels: list           # -100 except the answer tokens and the end-of-turn token
+    labels: list           # -100 except the answers' tokens and their end-of-turn tokens
 
 
 def encode_example(tok, system: str, question: str, answer: str | None, n_visual: int,
                    max_len: int | None = None) -> Encoded:
-    """The model's own chat format with the image before the question. answer=None encodes a
-    generation prompt (no labels). Truncation rule: an over-long example loses tokens from the
-    end of the question, never the chat markup or the answer; an example whose answer, image
-    and markup alone exceed max_len is an error that says so."""
+    """One turn (see encode_conversation): answer=None encodes a generation prompt."""
+    return encode_conversation(tok, system, [(question, answer)], n_visual, max_len)
+
+
+def encode_conversation(tok, system: str, turns: list, n_visual: int, max_len: int | None = None,
+                        label_history: bool = True) -> Encoded:
+    """The model's own chat format for turns [(question, answer), ...] with the image (n_visual
+    positions; 0 for a text-only row) before the first question. The last answer None encodes a
+    generation prompt. Every answer (its tokens and the end-of-turn token) is labelled, or with
+    label_history=False only the last one (scoring an answer given the earlier turns).
+    Truncation rule: an over-long first turn loses tokens from the end of its question, never
+    the chat markup or the answer (a first turn whose answer, image and markup alone exceed
+    max_len is an error that says so); later turns that do not fit are dropped whole in
+    training, while a generation prompt or a scored last answer must fit whole (an error
+    otherwise)."""
+    head, segments = chat_segments(tok, system, turns, n_visual > 0)
+    whole = turns[-1][1] is None or not label_history
+    segments = fit(segments, math.inf if max_len is None else max_len, len(head), n_visual, whole)
+    ids = head + [0] * n_visual
+    labels = [-100] * len(ids)
+    for k, (prompt, reply) in enumerate(segments):
+        labelled = label_history or k == len(turns) - 1
+        ids += prompt + reply
+        labels += [-100] * len(prompt) + (reply if labelled else [-100] * len(reply))
+    image_mask = [0] * len(head) + [1] * n_visual
+    return Encoded(ids, image_mask + [0] * (len(ids) - len(image_mask)), labels)
+
+
+def chat_segments(tok, system: str, turns: list, image: bool) -> tuple[list, list]:
+    """(head ids, one (markup, question, header, reply) id lists per turn), from the template
+    rendered once with placeholders and cut at them. markup: the end of the previous turn and
+    the user header (none for the first turn, whose markup between the image and the question is
+    encoded with the question); question: plain text, never special tokens; header: the
+    assistant header; reply: the answer and the end-of-turn id (none for a generation prompt)."""
     messages = [{"role": "system", "content": system},
-                {"role": "user", "content": f"{IMAGE}\n{QUESTION}"}]
-    before, rest = tok.render_chat(messages, add_generation_prompt=True).split(IMAGE, 1)
-    between, after = rest.split(QUESTION, 1)
-    head = tok.encode(before, allow_special=True)
-    query = tok.encode(between + question)
-    tail = tok.encode(after, allow_special=True)
-    reply = [] if answer is None else tok.encode(answer) + [tok.stop_ids[0]]
-    fixed = len(head) + n_visual + len(tail) + len(reply)
-    if max_len is not None and fixed + len(query) > max_len:
+                {"role": "user", "content": f"{IMAGE}\n{QUESTION}" if image else QUESTION}]
+    for _ in turns[1:]:
+        messages += [{"role": "assistant", "content": ANSWER}, {"role": "user", "content": QUESTION}]
+    text = tok.render_chat(messages, add_generation_prompt=True)
+    if image:
+        before, rest = text.split(IMAGE, 1)
+        between, rest = rest.split(QUESTION, 1)
+    else:
+        (before, rest), between = text.split(QUESTION, 1), ""
+    pieces = re.split(f"{QUESTION}|{ANSWER}", rest)      # header, after answer, header, ...
+    headers, after_answers = pieces[0::2], pieces[1::2]
+    end_of_turn = tok.decode([tok.stop_ids[0]]) if after_answers else ""  # ends each reply
+    markups = [""] + [m.removeprefix(end_of_turn) for m in after_answers]
+    segments = []
+    for k, ((question, answer), markup, header) in enumerate(zip(turns, markups, headers)):
+        segments.append((tok.encode(markup, allow_special=True),
+                         tok.encode(between + question if k == 0 else question),
+                         tok.encode(header, allow_special=True),
+                         [] if answer is None else tok.encode(answer) + [tok.stop_ids[0]]))
+    return tok.encode(before, allow_special=True), segments
+
+
+def fit(segments: list, max_len: int, n_head: int, n_visual: int,
+        whole: bool) -> list[tuple[list, list]]:
+    """(prompt, reply) id lists per turn within max_len, by encode_conversation's truncation
+    rule (whole: no later turn may be dropped); n_head and n_visual tokens come before the first
+    turn."""
+    (markup, question, header, reply), *later = segments
+    fixed = n_head + n_visual + len(markup) + len(header) + len(reply)
+    if fixed + len(question) > max_len:
         if fixed > max_len:
             raise ValueError(f"answer ({len(reply)} tokens), image ({n_visual}) and chat markup "
                              f"do not fit in max_len={max_len}")
-        query = query[:max_len - fixed]
-    ids = head + [0] * n_visual + query + tail + reply
-    image_mask = [0] * len(head) + [1] * n_visual + [0] * (len(query) + len(tail) + len(reply))
-    labels = [-100] * (len(ids) - len(reply)) + reply
-    return Encoded(ids, image_mask, labels)
+        question = question[:max_len - fixed]
+    out = [(markup + question + header, reply)]
+    used = fixed + len(question)
+    for markup, question, header, reply in later:
+        size = len(markup) + len(question) + len(header) + len(reply)
+        if used + size > max_len:
+            if whole:
+                raise ValueError(f"the earlier turns and the question ({used + size} tokens) do "
+                                 f"not fit in max_len={max_len}")
+            break
+        out.append((markup + question + header, reply))
+        used += size
+    return out
 
 
 def pad_batch(examples: list[Encoded], left: bool = False) -> dict:
@@ -69,27 +134,39 @@ def pad_batch(examples: list[Encoded], left: bool = False) -> dict:
     return out
 
 
-def vlm_batch(parts, pixels, images, questions, answers=None, max_len=None, row_ids=None) -> dict:
+def vlm_batch(parts, pixels, images, questions, answers=None, max_len=None, row_ids=None,
+              histories=None, label_history=False) -> dict:
     """One batch for a VLM (vlm.Parts: model, tok, wordpiece), on the CPU: left-padded
     generation prompts, or, given answers, right-padded prompt + answer rows with labels on the
-    answers (training, scoring). pixels: an ImageCache. CROME's Q-Former also reads each
-    question as its instruction. An example that cannot fit max_len is a DataError naming its
-    row (row_ids, else its position)."""
+    answers (training, scoring). histories: per row the (question, answer) turns before its
+    question (teacher-forced), labelled too when label_history (training). An image None is a
+    text-only row: no visual tokens. pixels: an ImageCache; "pixels" holds the image rows'
+    alone, in order, and is absent when no row has an image. CROME's Q-Former reads each image
+    row's first question as its instruction (ours for multi-turn rows: one instruction per
+    image). An example that cannot fit max_len is a DataError naming its row (row_ids, else its
+    position)."""
     model, tok = parts.model, parts.tok
     answers = answers or [None] * len(questions)
+    histories = histories or [[]] * len(questions)
     encoded = []
-    for i, (question, answer) in enumerate(zip(questions, answers)):
+    for i, (image, question, answer, history) in enumerate(zip(images, questions, answers,
+                                                                histories)):
+        n_visual = 0 if image is None else model.n_visual
         try:
-            encoded.append(encode_example(tok, model.cfg.system_prompt, question, answer,
-                                          model.n_visual, max_len))
+            encoded.append(encode_conversation(tok, model.cfg.system_prompt,
+                                               list(history) + [(question, answer)], n_visual,
+                                               max_len, label_history))
         except ValueError as e:
             row = row_ids[i] if row_ids else f"row {i}"
             raise DataError(f"sample {row}: {e}; raise --max-len or drop the row") from None
     batch = pad_batch(encoded, left=answers[0] is None)
-    batch["pixels"] = pixels(images)
-    if parts.wordpiece is not None:
+    with_image = [i for i, image in enumerate(images) if image is not None]
+    if with_image:
+        batch["pixels"] = pixels([images[i] for i in with_image])
+    if with_image and parts.wordpiece is not None:
+        first = [histories[i][0][0] if histories[i] else questions[i] for i in with_image]
         batch["instr_ids"], batch["instr_mask"] = parts.wordpiece(
-            list(questions), max_length=model.cfg.max_instruction_len)
+            first, max_length=model.cfg.max_instruction_len)
     return batch
 
 

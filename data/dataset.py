@@ -7,9 +7,11 @@ a list of rows
      "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the shape?"},
                        {"from": "gpt", "value": "red"}, ...]}
 
-with image paths relative to an image root folder. Image-caption pairs (stage 0, retrieval) are
-rows with one turn whose answer is the caption. Extra keys on a row (e.g. "type", "options") are
-kept in Sample.extra.
+with image paths relative to an image root folder. A row without "image" is text-only (as in
+LLaVA-1.5's llava_v1_5_mix665k) and holds no <image>. Image-caption pairs (stage 0, retrieval)
+are rows with one turn whose answer is the caption. Extra keys on a row (e.g. "type",
+"options") are kept in Sample.extra. `turn_samples` splits multi-turn rows into one sample per
+assistant turn, with the earlier turns as its history, for scoring.
 
 Loading is strict: every malformed row is a DataError naming the file, row index, id and the
 problem, or, with on_bad="skip", a recorded reason and a skipped row.
@@ -34,7 +36,7 @@ class DataError(ValueError):
 @dataclass
 class Sample:
     id: str
-    image: Path                      # resolved, inside the image root, exists
+    image: Path | None               # resolved, inside the image root, exists; None: text-only
     turns: list[tuple[str, str]]     # (prompt without <image>, answer)
     image_first: bool                # <image> stood before the first prompt's text
     extra: dict = field(default_factory=dict)  # the row's other keys, e.g. "type"
@@ -76,13 +78,13 @@ def parse_row(row, resolve: Callable[[str], Path]) -> Sample:
     """One validated row; `resolve` turns its image path into a checked absolute path."""
     if not isinstance(row, dict):
         raise DataError(f"row is a {type(row).__name__}, not an object")
-    missing = [k for k in ("id", "image", "conversations") if k not in row]
+    missing = [k for k in ("id", "conversations") if k not in row]
     if missing:
         raise DataError(f"missing field(s) {', '.join(missing)}")
-    row_id, image, conversations = row["id"], row["image"], row["conversations"]
+    row_id, image, conversations = row["id"], row.get("image"), row["conversations"]
     if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
         raise DataError(f"id must be a string or an integer, got {type(row_id).__name__}")
-    if not isinstance(image, str) or not image:
+    if "image" in row and (not isinstance(image, str) or not image):
         raise DataError("image must be a non-empty string")
     if not isinstance(conversations, list) or not conversations:
         raise DataError("conversations must be a non-empty list")
@@ -94,19 +96,31 @@ def parse_row(row, resolve: Callable[[str], Path]) -> Sample:
     if len(speakers) % 2 or speakers != ["human", "gpt"] * (len(speakers) // 2):
         raise DataError(f"turns must alternate human, gpt, ... and end with gpt; got {speakers}")
     values = [m["value"] for m in conversations]
-    if values[0].count(IMAGE) != 1:
+    if image is None and any(IMAGE in v for v in values):
+        raise DataError(f"a row without an image holds {IMAGE}")
+    if image is not None and values[0].count(IMAGE) != 1:
         raise DataError(f"the first human turn must hold exactly one {IMAGE}, "
                         f"found {values[0].count(IMAGE)}")
     if any(IMAGE in v for v in values[1:]):
         raise DataError(f"{IMAGE} may appear only in the first human turn")
     if any(not answer.strip() for answer in values[1::2]):
         raise DataError("empty answer")
-    before, after = values[0].split(IMAGE)
+    before, after = values[0].split(IMAGE) if image is not None else ("", values[0])
     first = (before.removesuffix("\n") + after.removeprefix("\n")).strip()
     prompts = [first] + [v.strip() for v in values[2::2]]
     turns = list(zip(prompts, [a.strip() for a in values[1::2]]))
     extra = {k: v for k, v in row.items() if k not in ("id", "image", "conversations")}
-    return Sample(str(row_id), resolve(image), turns, not before.strip(), extra)
+    return Sample(str(row_id), None if image is None else resolve(image), turns,
+                  image is not None and not before.strip(), extra)
+
+
+def turn_samples(samples: list[Sample]) -> list[Sample]:
+    """One sample per assistant turn: a multi-turn row's turn k becomes a sample whose turns
+    are the row's first k+1 (the earlier ones its teacher-forced history, the last the one to
+    answer), its id "<id>/<k>" and extra["turn"] = k. Single-turn rows stay as they are."""
+    return [s if len(s.turns) == 1 else
+            Sample(f"{s.id}/{k}", s.image, s.turns[:k + 1], s.image_first, s.extra | {"turn": k})
+            for s in samples for k in range(len(s.turns))]
 
 
 def resolve_image(relative: str, root: Path) -> Path:

@@ -1,6 +1,8 @@
 """
 Answering questions with a loaded VLM (vlm.Parts), in batches: greedy KV-cached generation, the
 first answer token's logits over option letters, and the log-probability of given answers.
+Every method takes optional histories: per question the earlier (question, answer) turns of its
+conversation, given as they are (teacher-forced). An image None is a text-only question.
 eval.py and training's validation both answer through it.
 """
 import math
@@ -25,10 +27,12 @@ class Answerer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def batch(self, images, questions, answers=None) -> dict:
+    def batch(self, images, questions, answers=None, histories=None) -> dict:
         """One batch on the model's device (data.collate.vlm_batch): generation prompts, or,
-        given answers, prompt + answer rows with labels on the answers (to score them)."""
-        batch = vlm_batch(self.parts, self.pixels, images, questions, answers, self.max_len)
+        given answers, prompt + answer rows with labels on the answers (to score them; the
+        histories' answers are not labelled)."""
+        batch = vlm_batch(self.parts, self.pixels, images, questions, answers, self.max_len,
+                          histories=histories)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def chunks(self, *columns):
@@ -36,11 +40,12 @@ class Answerer:
             yield [c[i:i + self.batch_size] for c in columns]
 
     @torch.no_grad()
-    def generate(self, images, questions) -> list[str]:
+    def generate(self, images, questions, histories=None) -> list[str]:
         out = []
-        for imgs, qs in self.chunks(images, questions):
+        for imgs, qs, hs in self.chunks(images, questions, histories or [[]] * len(questions)):
             with self.autocast():
-                ids = self.parts.model.generate(self.batch(imgs, qs), self.max_new_tokens,
+                ids = self.parts.model.generate(self.batch(imgs, qs, histories=hs),
+                                                self.max_new_tokens,
                                                 stop_ids=self.parts.tok.stop_ids)
             out += [self.parts.tok.decode(row).strip() for row in ids]
         return out
@@ -60,14 +65,16 @@ class Answerer:
         return model.run_llm(model.embed(batch), batch["image_mask"].long(),
                              attn_mask=batch["attn_mask"], logits_at=last).float()
 
-    def choose_letters(self, images, questions, n_options) -> list[str]:
+    def choose_letters(self, images, questions, n_options, histories=None) -> list[str]:
         """Multiple choice by letter likelihood: per row, the option letter among the first
         n_options whose token the model scores highest as the first answer token."""
         ids = self.letter_ids(max(n_options))
         out = []
-        for imgs, qs, ns in self.chunks(images, questions, list(n_options)):
+        for imgs, qs, ns, hs in self.chunks(images, questions, list(n_options),
+                                            histories or [[]] * len(questions)):
             with self.autocast():
-                logits = self.first_token_logits(self.batch(imgs, qs))[:, ids]  # (B, L)
+                first = self.first_token_logits(self.batch(imgs, qs, histories=hs))  # (B, V)
+            logits = first[:, ids]                                                # (B, L)
             n = torch.tensor(ns, device=logits.device)[:, None]                  # (B, 1)
             allowed = torch.arange(len(ids), device=logits.device) < n           # (B, L)
             best = logits.masked_fill(~allowed, -math.inf).argmax(-1)            # (B,)
@@ -76,12 +83,13 @@ class Answerer:
 
 
     @torch.no_grad()
-    def answer_logprobs(self, images, questions, answers) -> list[float]:
+    def answer_logprobs(self, images, questions, answers, histories=None) -> list[float]:
         """Summed log-probability of each answer (its tokens and the end-of-turn token) as the
         model's reply to its question about its image."""
         model, out = self.parts.model, []
-        for imgs, qs, ans in self.chunks(images, questions, answers):
-            batch = self.batch(imgs, qs, ans)
+        for imgs, qs, ans, hs in self.chunks(images, questions, answers,
+                                             histories or [[]] * len(questions)):
+            batch = self.batch(imgs, qs, ans, hs)
             labels = batch["labels"]                                         # (B, T)
             at = torch.zeros_like(labels, dtype=torch.bool)
             at[:, :-1] = labels[:, 1:] != -100            # position t predicts token t+1
@@ -94,10 +102,12 @@ class Answerer:
             out += torch.zeros(len(qs), device=logp.device).index_add_(0, rows, logp).tolist()
         return out
 
-    def choose_options(self, images, stems, options) -> list[str]:
+    def choose_options(self, images, stems, options, histories=None) -> list[str]:
         """Multiple choice by option likelihood: per row, the letter of the option text the
         model finds most likely as its answer to the bare question (no option list)."""
-        flat = [(img, stem, opt) for img, stem, opts in zip(images, stems, options) for opt in opts]
+        histories = histories or [[]] * len(stems)
+        flat = [(img, stem, opt, history) for img, stem, opts, history
+                in zip(images, stems, options, histories) for opt in opts]
         scores = self.answer_logprobs(*map(list, zip(*flat)))
         out, start = [], 0
         for opts in options:

@@ -37,10 +37,12 @@ def extract_letter(text: str, n_options: int = 26) -> str | None:
 
 
 def score_answers(samples, predictions, multiple_choice=False) -> dict:
-    """Accuracy overall and per question type (sample.extra["type"] when present)."""
+    """Accuracy overall and per question type (sample.extra["type"] when present). Each
+    sample's last turn is the one answered (the earlier ones are its history, see
+    data.dataset.turn_samples)."""
     hits, counts = defaultdict(int), defaultdict(int)
     for sample, pred in zip(samples, predictions):
-        truth = sample.turns[0][1]
+        truth = sample.turns[-1][1]
         ok = extract_letter(pred) == truth.strip() if multiple_choice else \
             normalize_answer(pred) == normalize_answer(truth)
         kind = sample.extra.get("type")
@@ -67,15 +69,16 @@ def recall_at_k(sim: torch.Tensor, truth: torch.Tensor, ks=(1, 5, 10)) -> dict:
 
 
 def is_multiple_choice(sample) -> bool:
-    answer = sample.turns[0][1].strip()
+    answer = sample.turns[-1][1].strip()
     return len(answer) == 1 and answer in MC_LETTERS
 
 
 def option_texts(sample) -> list[str]:
-    """A multiple-choice row's options: its "options" field, else parsed from "(A) x (B) y"."""
+    """A multiple-choice row's options: its "options" field, else parsed from "(A) x (B) y" in
+    the question answered (the last turn's)."""
     if sample.extra.get("options"):
         return list(sample.extra["options"])
-    found = re.findall(r"\(([A-E])\)\s*(.+?)(?=\s*\([A-E]\)|\n|$)", sample.turns[0][0])
+    found = re.findall(r"\(([A-E])\)\s*(.+?)(?=\s*\([A-E]\)|\n|$)", sample.turns[-1][0])
     return [text.strip() for _, text in found]
 
 

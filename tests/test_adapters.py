@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, MWAConfig, add_mwa_to_llm,
-                      add_mwa_to_qformer, iaa_insert_after)
+from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWAConfig,
+                      add_mwa_to_llm, add_mwa_to_qformer, iaa_insert_after)
 from weights.checkpoint import save_safetensors
 from data.collate import encode_example, pad_batch
 from model import LLM, LLMConfig
@@ -168,6 +168,36 @@ def test_trainable_state_holds_the_saved_components_only(design, stage, tmp_path
     save_safetensors(state, tmp_path / "model.safetensors")
     back = load_file(tmp_path / "model.safetensors")
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_iaa_refuses_duplicate_insertion_points():
+    with pytest.raises(ValueError, match=r"frozen layer\(s\) \[1, 5\] more than once"):
+        InnerAdaptor(tiny_llm(), IAAConfig(insert_after=(1, 5, 1, 5, 6)))
+
+
+def test_iaa_cache_keeps_each_stacks_dtype():
+    """A bf16 frozen LLM with an fp32 adaptor (as build_vlm makes them for bf16 training): the
+    frozen layers' cache slots are bf16, the insertion layers' fp32, and autocast decoding
+    writes both."""
+    torch.manual_seed(0)
+    model = build_vlm("iaa", llm=tiny_llm().to(torch.bfloat16))
+    model.adapter.float()
+    model.projector.float()
+    model.set_stage(2).eval()
+    n, inserted = LLM_CFG.n_layer, len(model.adapter.layers)
+    cache = model.adapter.new_cache(model.llm, 2, 40)
+    assert [k.dtype for k in cache.k] == [torch.bfloat16] * n + [torch.float32] * inserted
+    assert [v.dtype for v in cache.v] == [k.dtype for k in cache.k]
+    caches = []
+    new_cache = model.adapter.new_cache
+    model.adapter.new_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
+    batch = make_batch(model, answers=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(batch, max_new_tokens=3)
+    assert len(out) == 2 and all(1 <= len(row) <= 3 for row in out)
+    (used,) = caches
+    assert [k.dtype for k in used.k] == [torch.bfloat16] * n + [torch.float32] * inserted
+    assert all(k[:, :, :used.pos].abs().sum() > 0 for k in used.k)
 
 
 # ----------------------------------------------------------------------------- IAA text-only

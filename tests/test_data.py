@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.dataset import DataError, captions, load_conversations, load_image
+from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
 from data.easyvqa import (COLORS, LETTERS, SHAPES, multiple_choice, package_root, prepare_easyvqa,
                           question_template)
 
@@ -174,6 +174,8 @@ BAD_ROWS = {
     "dot-dot escape": (good("bad", image="../outside.png"), "escapes the image root"),
     "symlink escape": (good("bad", image="link.png"), "escapes the image root"),
     "missing image": (good("bad", image="nope.png"), "missing"),
+    "placeholder without image": ({k: v for k, v in good("bad").items() if k != "image"},
+                                  "a row without an image holds <image>"),
 }
 
 
@@ -215,6 +217,26 @@ def test_good_rows_parse(tmp_path, root):
     assert captions(samples) == [(first.image, "a cat"), (multi.image, "red")]
     with pytest.raises(ValueError, match="on_bad"):
         load_conversations(write(tmp_path, rows), root, on_bad="ignore")
+
+
+def test_text_only_rows_and_one_sample_per_turn(tmp_path, root):
+    """A row without "image" (LLaVA-1.5's mix665k has them) is text-only; turn_samples gives a
+    multi-turn row one sample per assistant turn, the earlier turns its history."""
+    text_only = {"id": "t", "conversations": turns(("human", "Hi?"), ("gpt", "hello"),
+                                                   ("human", "Name?"), ("gpt", "Bob"))}
+    multi = {**good("m"), "conversations": turns(("human", "<image>\nA?"), ("gpt", "red"),
+                                                  ("human", "B?"), ("gpt", "no"))}
+    samples, _ = load_conversations(write(tmp_path, [good(), text_only, multi]), root)
+    single, text, image = samples
+    assert text.image is None and not text.image_first
+    assert text.turns == [("Hi?", "hello"), ("Name?", "Bob")]
+    split = turn_samples(samples)
+    assert split[0] is single
+    assert [(s.id, s.image, s.turns, s.extra) for s in split[1:]] == [
+        ("t/0", None, [("Hi?", "hello")], {"turn": 0}),
+        ("t/1", None, text.turns, {"turn": 1}),
+        ("m/0", image.image, [("A?", "red")], {"turn": 0}),
+        ("m/1", image.image, image.turns, {"turn": 1})]
 
 
 # ---- images ------------------------------------------------------------------------------

@@ -194,8 +194,10 @@ def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
     turns = rows[-1]["conversations"]
     two_turns = dict(rows[-1], id="two", conversations=turns + [
         {"from": "human", "value": "And the colour?"}, turns[1]])
+    text_only = {"id": "text", "conversations": [{"from": "human", "value": "Name a colour."},
+                                                 {"from": "gpt", "value": "blue"}]}
     mixed = tmp_path / "mixed.json"
-    mixed.write_text(json.dumps(rows + [two_turns]))
+    mixed.write_text(json.dumps(rows + [two_turns, text_only]))
     results = ev.main(["--checkpoint", str(runs["iaa"]), "--data", str(mixed),
                        "--image-root", str(data["image_root"]), "--text-ppl", "--letter-probe",
                        "--batch-size", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "r"),
@@ -203,8 +205,8 @@ def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved == json.loads(json.dumps(results))
     m = saved["metrics"]
-    assert (m["n"], m["skipped_multi_turn"]) == (8, 1)
-    assert m["open_ended"]["n"] == 4
+    assert m["n"] == 11 and m["open_ended"]["n"] == 7   # each turn of the two-turn row scored
+    assert (m["multi_turn"]["n"], m["multi_turn"]["rows"]) == (2, 1)
     assert {k for k in m["open_ended"] if k.startswith("accuracy_")} == \
         {f"accuracy_{r['type']}" for r in rows[4:]}
     assert {"letter_extraction", "letter_likelihood", "option_likelihood"} == set(m["multiple_choice"])
@@ -214,7 +216,11 @@ def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
     hits = sum(r["likelihood_choice"] == r["truth"] for r in mc)
     assert m["multiple_choice"]["letter_likelihood"]["accuracy"] == round(hits / 4, 4)
     open_hits = sum(r["correct"] for r in records if "likelihood_choice" not in r)
-    assert m["open_ended"]["accuracy"] == round(open_hits / 4, 4)
+    assert m["open_ended"]["accuracy"] == round(open_hits / 7, 4)
+    turn_records = [r for r in records if "turn" in r]
+    assert [(r["id"], r["turn"]) for r in turn_records] == [("two/0", 0), ("two/1", 1)]
+    assert m["multi_turn"]["accuracy"] == round(sum(r["correct"] for r in turn_records) / 2, 4)
+    assert records[-1]["image"] is None and records[-1]["truth"] == "blue"
     assert m["letter_probe"]["n"] == 4 and 0 <= m["letter_probe"]["accuracy"] <= 1
     ppl = m["text_ppl"]
     assert ppl["base_llm"] == ppl["text_only"]           # IAA: the text path is the base LLM
@@ -223,10 +229,37 @@ def test_mixed_data_file_writes_json_md_png_and_text_ppl(runs, tmp_path):
     assert "| multiple_choice / letter_likelihood / accuracy |" in md
     assert "| text_ppl / base_llm |" in md
     with Image.open(tmp_path / "r.png") as png:
-        assert png.size == (4 * 224, 2 * 184)
+        assert png.size == (4 * 224, 3 * 184)
         # under the thumbnails only the prediction lines are coloured (green right, red wrong)
         text = np.asarray(png.convert("RGB").crop((0, 120, 4 * 224, 184))).astype(int)
         assert ((text.max(-1) - text.min(-1)) > 60).any()
+
+
+def test_each_turn_is_answered_given_the_true_earlier_turns(runs, tmp_path):
+    """eval.py answers turn k of a multi-turn row after the row's own turns 0..k-1 (teacher
+    forcing), not after its own earlier predictions."""
+    data = runs["data"]
+    row = json.loads(data["vqa_test"].read_text())[0]
+    question, answer = row["conversations"][0]["value"], row["conversations"][1]["value"]
+    later = [("What shape is it?", "circle"), ("Is it red?", "yes")]
+    row["conversations"] += [{"from": f, "value": v} for q, a in later for f, v in
+                             (("human", q), ("gpt", a))]
+    path = tmp_path / "turns.json"
+    path.write_text(json.dumps([row]))
+    results = ev.main(["--checkpoint", str(runs["crome"]), "--data", str(path),
+                       "--image-root", str(data["image_root"]), "--max-new-tokens", "3",
+                       "--out", str(tmp_path / "t"), "--num-threads", "1"])
+    records = results["predictions"]
+    assert [r["turn"] for r in records] == [0, 1, 2]
+    assert results["metrics"]["multi_turn"]["n"] == 3
+    parts = load_run(runs["crome"], "cpu", bf16=False)
+    answerer = Answerer(parts, max_len=128, max_new_tokens=3)
+    (sample,) = load_conversations(path, data["image_root"])[0]
+    truth = [(sample.turns[0][0], answer.strip())] + later
+    assert sample.turns == truth and question.replace("<image>", "").strip() == truth[0][0]
+    for k, record in enumerate(records):
+        want = answerer.generate([sample.image], [truth[k][0]], [truth[:k]])
+        assert [record["prediction"]] == want and record["truth"] == truth[k][1]
 
 
 def test_run_val_split_by_default_and_test_split_needs_data(runs):

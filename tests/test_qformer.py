@@ -127,6 +127,26 @@ def test_wordpiece_batch_truncation_padding_and_decode():
     assert ours.decode(row) == ref.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert ours.decode(row) == "unaffable cafe owners , running 12 km !"
 
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_wordpiece_reads_a_tokenizer_json_as_transformers_5_saves_it(tmp_path, lower):
+    """transformers 5 saves a BERT tokenizer as tokenizer.json + tokenizer_config.json only (no
+    vocab.txt): the vocabulary and the case option come from there; an LLM's BPE tokenizer.json
+    is not a WordPiece vocabulary."""
+    transformers.BertTokenizer(str(MINILM / "vocab.txt"), do_lower_case=lower).save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file() and not (tmp_path / "vocab.txt").exists()
+    ours = WordPieceTokenizer.from_pretrained(tmp_path)
+    ref = BertTokenizerLegacy(str(MINILM / "vocab.txt"), do_lower_case=lower)
+    strings = _random_strings(200, seed=7)
+    assert [ours.encode(s) for s in strings] == [ref.encode(s) for s in strings]
+    (tmp_path / "tokenizer_config.json").unlink()   # the normalizer's options alone
+    assert WordPieceTokenizer.from_folder(tmp_path).do_lower_case == lower
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec | {"model": {"type": "BPE"}}))
+    assert WordPieceTokenizer.from_folder(tmp_path) is None
+    with pytest.raises(CheckpointError, match="no WordPiece vocabulary"):
+        WordPieceTokenizer.from_pretrained(tmp_path)
+
 # ----------------------------------------------------------------------------- BERT
 
 def test_minilm_matches_transformers_and_gives_sensible_similarities():

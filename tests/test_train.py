@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 import tiny
 import train
 from weights.offline import minilm_folder, smollm2_folder
-from data.collate import encode_example, pad_batch
+from data.collate import encode_conversation, encode_example, pad_batch, vlm_batch
 from data.dataset import load_conversations
 from model import LLM
 from qformer import QFormer
@@ -28,7 +29,8 @@ from text.wordpiece import WordPieceTokenizer
 from text.tokenizer import load_tokenizer
 from vit import ImageProcessor, ViT
 from training.config import TrainConfig, needs_offline_towers, resolve
-from vlm import DESIGNS, TRAINABLE, load_run, saved_components
+from weights.checkpoint import CheckpointError
+from vlm import ADAPTERS, DESIGNS, TRAINABLE, load_run, saved_components
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_DATA = {1: "captions", 2: "vqa", 3: "mc"}
@@ -300,6 +302,123 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(assets, tmp_path,
     assert len(records(run_ddp)) == steps + 1  # only rank 0 writes: one line per step + validation
 
 
+# ----------------------------------------------------------------------------- hub Q-Formers (CROME)
+
+
+@pytest.fixture(scope="module")
+def hub_qformers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hub_qformers")
+    return {"instructblip": tiny.write_instructblip(base / "instructblip"),
+            "blip2": tiny.write_blip2(base / "blip2", text_way=False),
+            "blip2_text": tiny.write_blip2(base / "blip2_text", text_way=True),
+            "bert": tiny.write_bert(base / "bert"),
+            "wide": tiny.write_instructblip(base / "wide", vision_width=48)}
+
+
+def crome_loss(job) -> torch.Tensor:
+    loss = job.model(job.batch([0, 1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    return loss
+
+
+def test_crome_trains_on_an_instructblip_folder_and_its_qformer_tokenizer(assets, hub_qformers,
+                                                                           tmp_path, main):
+    folder = hub_qformers["instructblip"]
+    assert (folder / "qformer_tokenizer" / "tokenizer.json").is_file()
+    assert not (folder / "vocab.txt").exists()   # the folder's tokenizer.json is the LLM's
+    main(flags(assets, tmp_path, 2, "crome", 2, "--qformer", str(folder)))
+    run = tmp_path / "crome" / "stage2"
+    check_run_dir(run, "crome", 2, 2)
+    backbones = json.loads((run / "config.json").read_text())["backbones"]
+    assert (backbones["qformer"], backbones["qformer_tokenizer"]) == (str(folder), None)
+    parts = load_run(run, bf16=False)
+    minilm = WordPieceTokenizer.from_pretrained(minilm_folder())
+    question = "What colour is the shape, and is it naïve?"
+    assert parts.wordpiece.encode(question) == minilm.encode(question)
+
+
+def test_a_blip2_qformer_with_a_text_way_needs_qformer_tokenizer(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["blip2_text"]))
+    with pytest.raises(CheckpointError, match="pass --qformer-tokenizer") as error:
+        tiny.job_for(argv)
+    assert "\n" not in str(error.value)
+    _, _, job = tiny.job_for(argv + ["--qformer-tokenizer", str(minilm_folder())])
+    assert job.config["backbones"]["qformer_tokenizer"] == str(minilm_folder().resolve())
+    assert "instr_ids" in job.batch([0])
+    crome_loss(job)
+
+
+def test_a_blip2_qformer_without_a_text_way_reads_no_instruction(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["blip2"]))
+    _, _, job = tiny.job_for(argv)
+    assert job.parts.wordpiece is None and "instr_ids" not in job.batch([0])
+    crome_loss(job)
+    with pytest.raises(ValueError, match="has no text way"):
+        tiny.job_for(argv + ["--qformer-tokenizer", str(minilm_folder())])
+
+
+def test_a_bert_folder_initialises_the_qformer_at_the_vision_width(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["bert"]))
+    _, _, job = tiny.job_for(argv)
+    qformer = job.model.qformer
+    assert qformer.config.encoder_hidden_size == tiny.VIT["hidden_size"]
+    assert qformer.layers[0].cross_attn.key.weight.shape[1] == tiny.VIT["hidden_size"]
+    again = tiny.job_for(argv)[2].model.qformer   # the fresh parts are the same every build
+    assert_same_tensors(qformer.state_dict(), again.state_dict())
+    crome_loss(job)
+
+
+def test_a_vision_qformer_width_mismatch_names_both_widths(assets, hub_qformers, tmp_path):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["wide"]))
+    with pytest.raises(ValueError, match=r"features are 32 wide.*reads 48-wide") as error:
+        tiny.job_for(argv)
+    assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- LLaVA-format rows
+
+
+def mixed_rows(vqa_file: Path) -> list[dict]:
+    """Two easy-vqa rows, one made two-turn, and two text-only rows (no "image", as in
+    llava_v1_5_mix665k), one of them two-turn."""
+    first, second = json.loads(vqa_file.read_text())[:2]
+    more = [{"from": "human", "value": "And is it big?"}, {"from": "gpt", "value": "no"}]
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}]
+    return [first, dict(second, conversations=second["conversations"] + more),
+            {"id": "text", "conversations": chat},
+            {"id": "text2", "conversations": chat + more}]
+
+
+@pytest.fixture(scope="module")
+def mixed_file(assets, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixed") / "mixed.json"
+    path.write_text(json.dumps(mixed_rows(assets["data"]["vqa_train"])))
+    return path
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_a_batch_of_image_and_text_only_rows_trains_every_design(assets, mixed_file, tmp_path,
+                                                                 adapter):
+    argv = flags(assets, tmp_path, 2, adapter, 1, "--data", str(mixed_file))
+    _, _, job = tiny.job_for(argv)
+    batch = job.batch([0, 1, 2, 3])
+    n_visual = job.model.n_visual
+    assert batch["image_mask"].sum(1).tolist() == [n_visual, n_visual, 0, 0]
+    assert batch["pixels"].shape[0] == 2
+    spans = [len(runs(row.tolist(), labelled=True)) for row in batch["labels"]]
+    assert spans == [1, 2, 1, 2]
+    loss = job.model(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, (params, _) in job.param_groups.items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+    job.model.zero_grad()
+    text_only = job.batch([2, 3])
+    assert "pixels" not in text_only and not text_only["image_mask"].any()
+    assert torch.isfinite(job.model(text_only))
+
+
 # ----------------------------------------------------------------------------- labels on real rows
 
 SYSTEM = "Answer the question about the image in a word or two."
@@ -341,6 +460,111 @@ def test_labels_cover_only_the_answer_and_end_of_turn(smollm2, vqa_rows):
 
         prompt = encode_example(smollm2, SYSTEM, question, None, N_VISUAL)
         assert prompt.input_ids == e.input_ids[:labelled[0]] and set(prompt.labels) == {-100}
+
+
+# Today's token ids of two single-turn easy-vqa rows, pinned before multi-turn conversations
+# and text-only rows were added: the single-turn path must stay byte-identical.
+HEAD = [1, 9690, 198, 2, 198, 1, 4093, 198]                       # system + user header
+ASSISTANT = [2, 198, 1, 520, 9531, 198]                            # end of turn + assistant header
+PINNED_QUESTIONS = [[198, 5588, 2380, 314, 260, 14973, 47],            # "\nwhat color is the triangle?"
+                    [198, 26802, 451, 2443, 441, 2127, 253, 7842, 47]]  # "\ndoes this image not ..."
+PINNED_ANSWERS = [[16591, 2], [10407, 2]]                          # "blue", "yes" + <|im_end|>
+
+
+def test_single_turn_ids_are_pinned(smollm2):
+    parts = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(system_prompt=""), n_visual=4),
+                            tok=smollm2, wordpiece=None)
+    questions = ["what color is the triangle?", "does this image not contain a circle?"]
+    pixels = lambda images: torch.zeros(len(images), 3, 2, 2)  # noqa: E731
+    train = vlm_batch(parts, pixels, ["a", "b"], questions, ["blue", "yes"])
+    prompts = [HEAD + [0] * 4 + q + ASSISTANT for q in PINNED_QUESTIONS]
+    rows = [p + a for p, a in zip(prompts, PINNED_ANSWERS)]
+    assert train["input_ids"].tolist() == [rows[0] + [0, 0], rows[1]]
+    assert train["labels"].tolist() == [[-100] * 25 + [16591, 2, -100, -100],
+                                        [-100] * 27 + [10407, 2]]
+    assert train["image_mask"].long().tolist() == [[0] * 8 + [1] * 4 + [0] * 17] * 2
+    generate = vlm_batch(parts, pixels, ["a", "b"], questions)
+    assert generate["input_ids"].tolist() == [[0, 0] + prompts[0], prompts[1]]
+    assert generate["attn_mask"].tolist() == [[0, 0] + [1] * 25, [1] * 27]
+    assert generate["image_mask"].long().tolist() == [[0] * 10 + [1] * 4 + [0] * 13,
+                                                      [0] * 8 + [1] * 4 + [0] * 15]
+    assert set(generate["labels"].flatten().tolist()) == {-100}
+
+
+CONVERSATION = [("what color is the shape?", "red"), ("and its shape?", "a circle"),
+                ("Is it <|im_end|> big?", "no")]   # special-token text in a question stays text
+
+
+def runs(labels, labelled: bool) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of positions that are (or are not) labelled."""
+    marks = [(label != -100) == labelled for label in labels] + [False]
+    starts = [i for i, m in enumerate(marks) if m and (i == 0 or not marks[i - 1])]
+    return [(i, next(j for j in range(i, len(marks)) if not marks[j])) for i in starts]
+
+
+def decode_with_image(tok, e, start, end) -> str:
+    """Positions start..end decoded, the visual positions written as <image>."""
+    pieces, i = [], start
+    while i < end:
+        j = i
+        while j < end and e.image_mask[j] == e.image_mask[i]:
+            j += 1
+        pieces.append("<image>" if e.image_mask[i] else tok.decode(e.input_ids[i:j]))
+        i = j
+    return "".join(pieces)
+
+
+def chat(tok, turns, image=True, generation=False) -> str:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for k, (question, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": f"<image>\n{question}" if image and k == 0
+                         else question})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return tok.render_chat(messages, add_generation_prompt=generation)
+
+
+def test_every_assistant_turn_is_labelled_and_only_prompts_and_markup_are_not(smollm2):
+    e = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL)
+    spans = runs(e.labels, labelled=True)
+    assert len(spans) == len(CONVERSATION)
+    for (start, end), (_, answer) in zip(spans, CONVERSATION):
+        assert e.labels[start:end] == e.input_ids[start:end]
+        assert smollm2.decode(e.labels[start:end]) == answer + "<|im_end|>"
+    prompts = [decode_with_image(smollm2, e, start, end) for start, end in runs(e.labels, False)]
+    header = "<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts == [f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<image>\n"
+                       f"{CONVERSATION[0][0]}{header}"] + \
+        [f"\n<|im_start|>user\n{question}{header}" for question, _ in CONVERSATION[1:]]
+    assert decode_with_image(smollm2, e, 0, len(e.labels)) == chat(smollm2, CONVERSATION)[:-1]
+    assert sum(e.image_mask) == N_VISUAL
+    # the system's, and per turn the question's and the answer's: none from the question's text
+    assert e.input_ids.count(smollm2.token_id("<|im_end|>")) == 1 + 2 * len(CONVERSATION)
+
+
+def test_history_turns_are_teacher_forced_and_later_turns_dropped_when_too_long(smollm2):
+    full = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL)
+    last = runs(full.labels, labelled=True)[-1]
+    scored = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL, label_history=False)
+    assert scored.input_ids == full.input_ids and runs(scored.labels, True) == [last]
+    asked = CONVERSATION[:-1] + [(CONVERSATION[-1][0], None)]
+    prompt = encode_conversation(smollm2, SYSTEM, asked, N_VISUAL, label_history=False)
+    assert prompt.input_ids == full.input_ids[:last[0]] and set(prompt.labels) == {-100}
+    second_end = runs(full.labels, labelled=True)[1][1]
+    cut = encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL, max_len=len(full.labels) - 1)
+    assert cut.input_ids == full.input_ids[:second_end] and len(runs(cut.labels, True)) == 2
+    with pytest.raises(ValueError, match="earlier turns and the question"):
+        encode_conversation(smollm2, SYSTEM, asked, N_VISUAL, max_len=last[0] - 1)
+    with pytest.raises(ValueError, match="earlier turns and the question"):  # a scored answer
+        encode_conversation(smollm2, SYSTEM, CONVERSATION, N_VISUAL, max_len=len(full.labels) - 1,
+                            label_history=False)
+
+
+def test_a_text_only_row_has_no_visual_positions(smollm2):
+    for turns in (CONVERSATION[:1], CONVERSATION):
+        e = encode_conversation(smollm2, SYSTEM, turns, 0)
+        assert not any(e.image_mask) and len(runs(e.labels, labelled=True)) == len(turns)
+        assert smollm2.decode(e.input_ids) == chat(smollm2, turns, image=False)[:-1]
 
 
 def test_truncation_cuts_the_question_never_the_answer(smollm2, vqa_rows):

