@@ -465,7 +465,7 @@ def test_other_checkpoint_mismatches(assets, runs, tmp_path, what):
         shutil.copytree(assets["qformer"], qformer)
         (qformer / "vocab.txt").unlink()
         argv = replace_flag(flags(assets, tmp_path, 1, "crome", 1), "--qformer", qformer)
-        needles = [str(qformer), "vocab.txt missing"]
+        needles = [str(qformer), "no Q-Former WordPiece vocabulary", "--qformer-tokenizer"]
     expect_clear(lambda: run(argv), CheckpointError, *needles)
 
 
