@@ -75,6 +75,7 @@ class CROMEAdapter(nn.Module):
 class IAAConfig:
     n_insert: int = 8                  # IAA-8 / IAA-14 in the paper (pairs of layers)
     insert_after: tuple | None = None  # explicit frozen-layer indices; None = the pair rule
+    init: str = "copy"                 # ours: "copy" (of the frozen layers) or "identity"
 
 
 def iaa_insert_after(n_layer: int, n_insert: int) -> tuple:
@@ -98,8 +99,11 @@ class InnerAdaptor(nn.Module):
     The insertion layer's output replaces h (only the residuals inside the layer remain).
     The text-only workflow never touches this module, so it is the base LLM exactly.
     Init (ours; the paper does not publish it): every part is copied from its frozen
-    counterpart, so the untrained multimodal workflow computes the base LLM with each
-    insertion layer applied once more. A tied base gets a tied MM-EL/MM-LH pair."""
+    counterpart, so with init="copy" (the default) each insertion layer starts as its frozen
+    layer applied once more. init="identity" then zeroes each insertion layer's two output
+    projections (attention and MLP), so the layer starts as the identity and the untrained
+    multimodal workflow computes the base LLM exactly, as zero-initialised adapters do.
+    A tied base gets a tied MM-EL/MM-LH pair."""
 
     def __init__(self, llm, cfg: IAAConfig):
         super().__init__()
@@ -111,10 +115,17 @@ class InnerAdaptor(nn.Module):
                              "more than once: one insertion layer per frozen layer")
         if not all(0 <= i < n for i in self.insert_after):
             raise ValueError(f"insert_after {self.insert_after} outside 0..{n - 1}")
+        if cfg.init not in ("identity", "copy"):
+            raise ValueError(f"IAA init must be 'identity' or 'copy', got {cfg.init!r}")
         self.embed = copy.deepcopy(llm.wte)
         self.layers = nn.ModuleList(copy.deepcopy(llm.blocks[i]) for i in self.insert_after)
         for j, layer in enumerate(self.layers):
             layer.attn.layer_idx = n + j  # its own KV-cache slot after the frozen layers'
+            if cfg.init == "identity":
+                for proj in (layer.attn.proj, layer.mlp.proj):  # x + 0 + 0: the identity
+                    nn.init.zeros_(proj.weight)
+                    if proj.bias is not None:
+                        nn.init.zeros_(proj.bias)
         self.norm_f = copy.deepcopy(llm.norm_f)
         self.lm_head = nn.Linear(llm.config.n_embd, llm.config.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight if llm.config.tie_word_embeddings else \

@@ -232,6 +232,23 @@ def test_iaa_text_only_workflow_is_the_base_llm():
 # ----------------------------------------------------------------------------- identity at init
 
 
+def test_iaa_multimodal_workflow_starts_as_the_base_llm():
+    """init="identity": every insertion layer is x + 0 + 0, so the untrained multimodal
+    workflow (its own copied embedding and head) computes the base LLM exactly; "copy" (the
+    default) runs each inserted layer's frozen twin once more and differs."""
+    torch.manual_seed(0)
+    llm = tiny_llm().eval()
+    idx = torch.randint(0, LLM_CFG.vocab_size, (2, 12))
+    with torch.no_grad():
+        base = llm(idx)
+        identity = InnerAdaptor(llm, IAAConfig(n_insert=4, init="identity"))(llm, idx=idx)
+        copied = InnerAdaptor(llm, IAAConfig(n_insert=4))(llm, idx=idx)
+    assert torch.equal(identity, base)
+    assert (copied - base).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="IAA init must be"):
+        InnerAdaptor(llm, IAAConfig(n_insert=4, init="zeros"))
+
+
 def test_crome_adapter_is_the_identity_at_init():
     adapter = CROMEAdapter(32, CROMEConfig(bottleneck=8))
     image, text = torch.randn(2, 4, 32), torch.randn(2, 3, 32)

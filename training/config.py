@@ -32,6 +32,9 @@ class TrainConfig:
                                  "projector alone; full: the LLM too); retrieval: mwa or full",
                         list(ADAPTERS))
     iaa_layers: int = flag(8, "IAA: insertion layers (placed by adapters.iaa_insert_after)")
+    iaa_init: str = flag("copy", "IAA: insertion layers start as copies of their frozen layers, "
+                                 "or as the identity (copies with zeroed output projections)",
+                         ["copy", "identity"])
     pixel_shuffle: int = flag(4, "s x s patches -> one image token (offline tower: 8x8 patches "
                                  "-> a 2x2 grid)")
     llm: str = flag("offline", "hub repo id or folder; offline = SmolLM2-135M-Instruct from "

@@ -189,7 +189,7 @@ def vlm_job(cfg, env) -> Job:
     from the previous stage's weights; what trains per design and stage is vlm.TRAINABLE."""
     sources = backbones(cfg)
     vcfg = VLMConfig(adapter=cfg.adapter, shuffle=cfg.pixel_shuffle,
-                     iaa=IAAConfig(n_insert=cfg.iaa_layers))
+                     iaa=IAAConfig(n_insert=cfg.iaa_layers, init=cfg.iaa_init))
     parts = build_vlm(vcfg, **sources, bf16=cfg.dtype == "bf16", device=env.device)
     model = parts.model
     init_from_previous_stage(model, cfg, env)
