@@ -7,6 +7,7 @@ and MWA's own paper setting (image-text retrieval with a frozen multiway encoder
     pixels --ViT--> post-LN --Q-Former query way--> per-query projections (B, Q, E)
     caption ids --Q-Former text way--> pooled --> projection (B, E)
     similarity: the best query per pair; loss: symmetric contrastive
+    matching (itm=True): [queries; statement] --Q-Former--> mean query output --Linear--> 2
 
 Also here: the offline dual encoder's shape (a small CLIP-layout ViT, a Q-Former initialised
 from MiniLM), and rebuilding a dual encoder from a stage-0 or retrieval run directory.
@@ -46,9 +47,16 @@ class DualEncoder(nn.Module):
     encoders (MiniLM), whose [CLS] barely tells "a red circle" from "a red triangle";
     (3) clip_loss=True adds CLIP's loss on the ViT's class token, which gives a vision tower
     trained from scratch a direct gradient (through the Q-Former alone it learned colour but
-    not shape in our runs)."""
+    not shape in our runs).
+    itm=True adds BLIP-2's image-text matching (ITM, Sec. 3.2): the queries and a statement
+    share the Q-Former's bidirectional self-attention, and a linear head on the query outputs
+    (BLIP-2 averages per-query logits; the mean of a linear map is the same) says whether the
+    statement is true of the image. It is the only objective here that trains the
+    query-instruction interaction CROME's instruction-aware Q-Former relies on; batches bring
+    their statements (itm_ids, itm_mask, itm_labels)."""
 
-    def __init__(self, vision, qformer, embed_dim=256, text_pool="cls", clip_loss=False):
+    def __init__(self, vision, qformer, embed_dim=256, text_pool="cls", clip_loss=False,
+                 itm=False):
         super().__init__()
         if text_pool not in ("cls", "mean"):
             raise ValueError(f"text_pool must be 'cls' or 'mean', got {text_pool!r}")
@@ -60,13 +68,24 @@ class DualEncoder(nn.Module):
         self.text_proj = nn.Linear(h, embed_dim)
         self.cls_proj = nn.Linear(vision.config.hidden_size, embed_dim) if clip_loss else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.itm_head = nn.Linear(h, 2) if itm else None
 
-    def image_features(self, pixels):
-        """-> query features (B, Q, E), and class-token features (B, E) or None."""
-        hidden = self.vision.post_layernorm(self.vision(pixels, select_layer=-1))  # (B, N, Dv)
+    def image_features(self, pixels, hidden=None):
+        """-> query features (B, Q, E), and class-token features (B, E) or None. hidden: the
+        ViT's normed output for these pixels, when already computed."""
+        if hidden is None:
+            hidden = self.vision_hidden(pixels)
         queries = F.normalize(self.vision_proj(self.qformer(hidden)), dim=-1)     # (B, Q, E)
         cls = F.normalize(self.cls_proj(hidden[:, 0]), dim=-1) if self.cls_proj else None
         return queries, cls
+
+    def vision_hidden(self, pixels):
+        return self.vision.post_layernorm(self.vision(pixels, select_layer=-1))  # (B, N, Dv)
+
+    def match_logits(self, hidden, ids, mask):
+        """ITM: (is the statement true of the image?) logits (B, 2) for the ViT's normed
+        output hidden (B, N, Dv) and statements ids, mask (B, T)."""
+        return self.itm_head(self.qformer(hidden, ids, mask).mean(1))     # (B, Q, H) -> (B, 2)
 
     def text_pooled(self, ids, mask):
         hidden = self.qformer(None, ids, mask)                             # (B, T, H)
@@ -83,8 +102,10 @@ class DualEncoder(nn.Module):
         """Contrastive loss of a batch: pixels (B, 3, H, W); caption_ids (B,), equal ids mark
         identical captions; the captions either as token ids text_ids, text_mask (B, T), encoded
         here through the text way, or as their pooled text-way output text_pooled (B, H), cached
-        when the text way is frozen."""
-        queries, cls = self.image_features(batch["pixels"])
+        when the text way is frozen. With an ITM head, also the matching loss of the batch's
+        statements itm_ids, itm_mask (B, T) and their truth itm_labels (B,)."""
+        hidden = self.vision_hidden(batch["pixels"])
+        queries, cls = self.image_features(batch["pixels"], hidden)
         pooled = batch["text_pooled"] if "text_pooled" in batch else \
             self.text_pooled(batch["text_ids"], batch["text_mask"])
         text = self.text_features(pooled)                                   # (B, E)
@@ -92,6 +113,9 @@ class DualEncoder(nn.Module):
         loss = contrastive_loss(scale * self.similarity(queries, text), batch["caption_ids"])
         if cls is not None:
             loss = loss + contrastive_loss(scale * cls @ text.t(), batch["caption_ids"])
+        if self.itm_head is not None:
+            logits = self.match_logits(hidden, batch["itm_ids"], batch["itm_mask"])
+            loss = loss + F.cross_entropy(logits, batch["itm_labels"])
         return loss
 
 
@@ -106,12 +130,12 @@ def contrastive_loss(logits, caption_ids):
 # ----------------------------------------------------------------------------- building and loading
 
 
-def offline_dual_encoder(vit_config: ViTConfig, clip_loss: bool):
+def offline_dual_encoder(vit_config: ViTConfig, clip_loss: bool, itm: bool = False):
     """Stage 0's contrastive model: a fresh ViT and a Q-Former initialised from MiniLM (BLIP-2's
     way, OFFLINE_QUERIES queries), mean-pooled text. -> (model, image processor, WordPiece)."""
     qformer = QFormer.from_pretrained(minilm_folder(), encoder_hidden_size=vit_config.hidden_size,
                                       num_query_tokens=OFFLINE_QUERIES)
-    model = DualEncoder(ViT(vit_config), qformer, text_pool="mean", clip_loss=clip_loss)
+    model = DualEncoder(ViT(vit_config), qformer, text_pool="mean", clip_loss=clip_loss, itm=itm)
     return (model, ImageProcessor.clip(vit_config.image_size),
             WordPieceTokenizer.from_pretrained(minilm_folder()))
 
@@ -127,7 +151,8 @@ def stage0_trainable_(model: DualEncoder) -> DualEncoder:
     class token's too, when the model has one) and the temperature. The MiniLM text way stays
     frozen."""
     model.requires_grad_(False)
-    for module in (model.vision, model.vision_proj, model.text_proj, model.cls_proj):
+    for module in (model.vision, model.vision_proj, model.text_proj, model.cls_proj,
+                   model.itm_head):
         if module is not None:
             module.requires_grad_(True)
     model.logit_scale.requires_grad_(True)
@@ -143,13 +168,15 @@ def retrieval_model(stage0: Path, adapter: str | None, mwa: MWAConfig | None, de
     """Stage 0's dual encoder rebuilt as stage 0 built it and loaded strictly from its run
     directory, then set up for `adapter`: 'mwa' adds the MWA modules to the Q-Former and only
     they train, 'full' trains everything, None freezes everything (the zero-shot baseline).
-    Built without the class-token head (stage 0's auxiliary CLIP loss, whose saved weights are
-    left out here): retrieval ranks by the queries, the Q-Former's multiway output.
+    Built without the class-token and matching heads (stage 0's auxiliary CLIP and ITM losses,
+    whose saved weights are left out here): retrieval ranks by the queries, the Q-Former's
+    multiway output.
     -> (model, image processor, WordPiece tokenizer)."""
     vit_config = ViTConfig.from_hf(read_config(stage0)["vision"])
     model, processor, wordpiece = offline_dual_encoder(vit_config, clip_loss=False)
     weights = stage0 / "model.safetensors"
-    state = {k: v for k, v in read_safetensors_file(weights).items() if not k.startswith("cls_proj.")}
+    state = {k: v for k, v in read_safetensors_file(weights).items()
+             if not k.startswith(("cls_proj.", "itm_head."))}
     load_strict(model, state, str(weights), keys=trainable_keys(stage0_trainable_(model)))
     model.requires_grad_(adapter == "full")
     if adapter == "mwa":

@@ -17,7 +17,8 @@ package's own data folder, which is returned as "image_root".
 Captions are our construction: easy-vqa has no captions, so each image's shape and colour are
 read off its questions (open answers, and the shapes/colours that questions or positive yes/no
 answers say are present). Images where neither is known get no caption; where one is known the
-caption names only that ("a red shape", "a circle").
+caption names only that ("a red shape", "a circle"). Stage 0's image-text matching reads
+statements made from a complete caption (matching_statement): true, or with one attribute swapped.
 """
 import argparse
 import importlib.util
@@ -54,6 +55,24 @@ def complete_captions(samples):
     negative for the complete caption of the same image in a contrastive batch."""
     words = set(COLORS) | set(SHAPES)
     return [s for s in samples if len(set(s.turns[0][1].split()) & words) == 2]
+
+
+def matching_statement(caption: str, rng: random.Random) -> tuple[str, int]:
+    """An image-text matching pair's text for an image with a complete caption ("a red
+    circle"): a statement naming its colour ("a red shape"), its shape ("a circle") or both,
+    true or (with one attribute swapped for another value) false, each with probability 1/2.
+    -> (statement, 1 if true else 0). Ours: BLIP-2's ITM mines hard negatives from other
+    captions; easy-vqa's questions ask about one attribute at a time, so we swap attributes."""
+    _, color, shape = caption.split()
+    kind, true = rng.choice(("color", "shape", "both")), rng.random() < 0.5
+    if not true:
+        swap = rng.choice(("color", "shape")) if kind == "both" else kind
+        if swap == "color":
+            color = rng.choice([c for c in COLORS if c != color])
+        else:
+            shape = rng.choice([s for s in SHAPES if s != shape])
+    text = {"color": f"a {color} shape", "shape": f"a {shape}", "both": f"a {color} {shape}"}
+    return text[kind], int(true)
 
 
 def package_root() -> Path:

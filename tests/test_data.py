@@ -1,4 +1,5 @@
 import json
+import random
 from collections import defaultdict
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 from PIL import Image
 
 from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
-from data.easyvqa import (COLORS, LETTERS, SHAPES, multiple_choice, package_root, prepare_easyvqa,
-                          question_template)
+from data.easyvqa import (COLORS, LETTERS, SHAPES, matching_statement, multiple_choice,
+                          package_root, prepare_easyvqa, question_template)
 
 KINDS, SPLITS = ("captions", "vqa", "mc"), ("train", "val", "test")
 
@@ -103,6 +104,27 @@ def test_balanced_yesno_subset_defeats_a_question_only_model(prepared, rows, spl
     yes_no = [r for r in vqa if qa(r)[1] in ("yes", "no")]
     assert blind(yes_no, lambda q: q) > 0.8
     assert blind(balanced, lambda q: q) == blind(balanced, question_template) == 0.5
+
+
+FORMATS = ({f"a {c} shape" for c in COLORS} | {f"a {s}" for s in SHAPES}
+           | {f"a {c} {s}" for c in COLORS for s in SHAPES})
+
+
+def test_matching_statements_are_true_or_one_attribute_off():
+    """Stage 0's ITM texts: a true statement names only the image's own colour / shape; a false
+    one names exactly one wrong attribute; each kind and each truth comes up about equally."""
+    rng, counts = random.Random(0), defaultdict(int)
+    for _ in range(3000):
+        color, shape = rng.choice(COLORS), rng.choice(SHAPES)
+        text, truth = matching_statement(f"a {color} {shape}", rng)
+        words = text.split()[1:]
+        named = {w for w in words if w in COLORS or w in SHAPES}
+        wrong = named - {color, shape}
+        assert text in FORMATS, text
+        assert len(wrong) == 1 - truth, text
+        kind = "color" if words[-1] == "shape" else "shape" if len(words) == 1 else "both"
+        counts[kind, truth] += 1
+    assert len(counts) == 6 and all(400 < n < 600 for n in counts.values()), dict(counts)
 
 
 def test_multiple_choice_letter_points_at_answer(rows):

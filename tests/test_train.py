@@ -200,12 +200,15 @@ def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
     assert set(weights(out)) == trainable
     assert all(not torch.equal(after[k], before[k]) for k in trainable if k.startswith("vision."))
     assert not torch.equal(after["qformer.query_tokens"], before["qformer.query_tokens"])
+    assert {"itm_head.weight", "itm_head.bias"} <= trainable   # BLIP-2's ITM trains the head
     frozen = [k for k in after if k not in trainable]
     assert "qformer.word_embeddings.weight" in frozen
     assert all(torch.equal(after[k], before[k]) for k in frozen)
     rows = records(out)
     assert [r["step"] for r in rows if "loss" in r] == [0, 1]
     assert [r["val"]["n"] for r in rows if "val" in r] == [8]
+    assert [set(r["val"]) for r in rows if "val" in r] == [
+        {"caption_top1_queries", "caption_top1_class_token", "itm_accuracy", "n"}]
 
 
 # ----------------------------------------------------------------------------- resume

@@ -3,7 +3,7 @@ What each run trains on, as one plain Job per kind of run: the model (model(batc
 training rows and how a list of them becomes a batch, the parameter groups, the validation, and
 what the checkpoint holds. train.py's loop drives any Job the same way.
 
-    build_job(cfg, env)   stage 0      -> stage0_job     offline ViT + Q-Former query way, ITC
+    build_job(cfg, env)   stage 0      -> stage0_job     offline ViT + Q-Former query way, ITC + ITM
                           stages 1-3   -> vlm_job        a VLM; what trains: vlm.TRAINABLE
                           retrieval    -> retrieval_job  stage 0's dual encoder, MWA or full
 
@@ -24,7 +24,7 @@ import torch.nn as nn
 from adapters import IAAConfig, MWAConfig
 from data.collate import ImageCache, vlm_batch
 from data.dataset import DataError, load_conversations, turn_samples
-from data.easyvqa import complete_captions, prepare_easyvqa, training_kind
+from data.easyvqa import complete_captions, matching_statement, prepare_easyvqa, training_kind
 from dual_encoder import (CAPTION_TOKENS, OFFLINE_VIT, image_tokens, offline_dual_encoder,
                           retrieval_config, retrieval_model, stage0_trainable_, trainable_keys)
 from eval import evaluate_retrieval
@@ -115,14 +115,18 @@ def caption(sample) -> str:
 
 
 def stage0_job(cfg, env) -> Job:
-    """Stage 0 (offline default only): BLIP-2 stage-1 image-text contrastive learning. A fresh
-    ViT and the Q-Former's query way (queries, cross-attention, query FFNs) learn to match
-    easy-vqa's captions as encoded by the frozen MiniLM text way. Exported in the hub's
-    CLIP-vision and BLIP-2 layouts, which later stages load through the same from_pretrained."""
+    """Stage 0 (offline default only): BLIP-2's stage-1 representation learning, two of its
+    three objectives. A fresh ViT and the Q-Former's query way (queries, cross-attention, query
+    FFNs) learn image-text contrast (ITC) against easy-vqa's captions as encoded by the frozen
+    MiniLM text way, and image-text matching (ITM) of statements about each image's colour and
+    shape (data.easyvqa.matching_statement), which trains the queries to read a text beside the
+    image: what CROME's instruction-aware Q-Former needs. Exported in the hub's CLIP-vision and
+    BLIP-2 layouts, which later stages load through the same from_pretrained."""
     train_file, val_file, root, _ = stage_data(cfg)
     samples = complete_captions(load_samples(train_file, root, cfg, env))
     val = complete_captions(load_val(val_file, root, cfg))
-    model, processor, wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True)
+    model, processor, wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True,
+                                                       itm=True)
     model = stage0_trainable_(model).to(env.device)
     pixels, dev = ImageCache(processor), env.device
     captions = sorted({caption(s) for s in samples + val})   # the candidates: every caption
@@ -130,11 +134,20 @@ def stage0_job(cfg, env) -> Job:
         ids, mask = wordpiece(captions, max_length=CAPTION_TOKENS)
         text_pooled = model.text_pooled(ids.to(dev), mask.to(dev))     # (C, H)
 
+    def statements(rows) -> dict:
+        """One matching statement per row, drawn from a generator seeded by the rows' ids (the
+        same rows give the same statements, so a resumed run repeats them exactly)."""
+        rng = random.Random(",".join(s.id for s in rows))
+        texts, truth = zip(*(matching_statement(caption(s), rng) for s in rows))
+        ids, mask = wordpiece(list(texts), max_length=CAPTION_TOKENS)          # (B, T)
+        return {"itm_ids": ids.to(dev), "itm_mask": mask.to(dev),
+                "itm_labels": torch.tensor(truth, device=dev)}
+
     def collate(rows):
         caption_ids = torch.tensor([captions.index(caption(s)) for s in rows], device=dev)
-        return {"pixels": pixels([s.image for s in rows]).to(dev), "caption_ids": caption_ids,
-                "text_pooled": text_pooled[caption_ids],
-                "tokens": len(rows) * image_tokens(model)}
+        batch = {"pixels": pixels([s.image for s in rows]).to(dev), "caption_ids": caption_ids,
+                 "text_pooled": text_pooled[caption_ids]} | statements(rows)
+        return batch | {"tokens": len(rows) * image_tokens(model) + int(batch["itm_mask"].sum())}
 
     def export(out: Path):
         model.vision.save_pretrained(out / "vision")
@@ -144,25 +157,33 @@ def stage0_job(cfg, env) -> Job:
 
     vision = list(model.vision.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
+    val = val[:cfg.val_samples]
     return Job(model, samples, collate,
                {"vision": (vision, cfg.lr_vision), "qformer": (rest, cfg.lr)},
-               partial(caption_top1, model, pixels, val[:cfg.val_samples], captions, text_pooled),
+               partial(stage0_metrics, model, pixels, val, captions, text_pooled, statements),
                trainable_keys(model), {"vision": model.vision.config.to_hf()}, export)
 
 
 @torch.no_grad()
-def caption_top1(model, pixels, val, captions, text_pooled) -> dict:
+def stage0_metrics(model, pixels, val, captions, text_pooled, statements) -> dict:
     """Image -> caption retrieval among all distinct captions: top-1 accuracy, through the
-    Q-Former's queries (what CROME uses) and the ViT's class token."""
+    Q-Former's queries (what CROME uses) and the ViT's class token; and the accuracy of
+    image-text matching on one statement per image (half of them true)."""
     dev, text = text_pooled.device, model.text_features(text_pooled)
-    hits = {"queries": 0, "class_token": 0}
+    hits = {"queries": 0, "class_token": 0, "itm": 0}
     for i in range(0, len(val), 64):
         chunk = val[i:i + 64]
-        queries, cls = model.image_features(pixels([s.image for s in chunk]).to(dev))
+        hidden = model.vision_hidden(pixels([s.image for s in chunk]).to(dev))
+        queries, cls = model.image_features(None, hidden)
         truth = torch.tensor([captions.index(caption(s)) for s in chunk], device=dev)
         hits["queries"] += int((model.similarity(queries, text).argmax(-1) == truth).sum())
         hits["class_token"] += int(((cls @ text.t()).argmax(-1) == truth).sum())
-    return {f"caption_top1_{k}": round(v / len(val), 4) for k, v in hits.items()} | {"n": len(val)}
+        pairs = statements(chunk)
+        matched = model.match_logits(hidden, pairs["itm_ids"], pairs["itm_mask"]).argmax(-1)
+        hits["itm"] += int((matched == pairs["itm_labels"]).sum())
+    names = {"queries": "caption_top1_queries", "class_token": "caption_top1_class_token",
+             "itm": "itm_accuracy"}
+    return {names[k]: round(v / len(val), 4) for k, v in hits.items()} | {"n": len(val)}
 
 
 # ----------------------------------------------------------------------------- stages 1-3
