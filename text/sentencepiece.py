@@ -28,7 +28,6 @@ is the reference's algorithm, so it is exact by construction.
 import heapq
 import json
 import re
-from pathlib import Path
 
 from weights.checkpoint import CheckpointError
 
@@ -286,7 +285,3 @@ DECODERS = {
     "Strip": strip,
     "Metaspace": metaspace_decode,
 }
-
-
-def read_sentencepiece_bpe(path: Path) -> SentencePieceBPE:
-    return SentencePieceBPE(json.loads(Path(path).read_text(encoding="utf-8")), path)

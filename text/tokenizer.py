@@ -66,7 +66,8 @@ class Tokenizer:
     """encode/decode over a tiktoken Encoding or a SentencePieceBPE, the special ids, and the
     model's chat format."""
 
-    def __init__(self, enc: tiktoken.Encoding | SentencePieceBPE, special_tokens: dict[str, int], chat_format: str,
+    def __init__(self, enc: tiktoken.Encoding | SentencePieceBPE, special_tokens: dict[str, int],
+                 chat_format: str,
                  bos: str | None = None, eos: str | None = None, pad: str | None = None,
                  default_system: str | None = None, extra_stop_ids=(), always_split=(),
                  nfc: bool = False):
@@ -246,8 +247,9 @@ def check_chat_format(chat_format: str, specials: dict, bos, eos, folder):
     needed = FORMAT_TOKENS.get(chat_format, (bos, eos) if chat_format in (LLAMA2, VICUNA) else ())
     missing = [t for t in needed if t is None or t not in specials]
     if missing:
-        raise CheckpointError(f"{folder}: chat format {chat_format} writes {', '.join(map(str, needed))}"
-                              f", but the tokenizer lacks {', '.join(map(str, missing))}")
+        raise CheckpointError(f"{folder}: chat format {chat_format} writes "
+                              f"{', '.join(map(str, needed))}, but the tokenizer lacks "
+                              f"{', '.join(map(str, missing))}")
 
 
 def default_system(template, chat_format: str) -> str | None:
