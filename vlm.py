@@ -71,6 +71,7 @@ class VLMConfig:
     select_layer: int = -1      # ViT layer fed to the connector (LLaVA/IAA use -2 at scale)
     shuffle: int = 2            # pixel shuffle: s x s patches -> one token (1 = LLaVA's plain MLP)
     system_prompt: str = ""     # an explicit empty one: SmolLM2's template would add 18 tokens
+    chat_format: str = "auto"   # text.tokenizer's format name; a run records the one it used
     max_instruction_len: int = 32   # Q-Former instruction tokens (CROME)
     crome: CROMEConfig = field(default_factory=CROMEConfig)
     iaa: IAAConfig = field(default_factory=IAAConfig)
@@ -267,7 +268,7 @@ def build_vlm(vcfg: VLMConfig, llm: str, vision: str, qformer: str | None, bf16:
         getattr(vlm, name).float()
     processor_folder = resolve_checkpoint(vision, ("preprocessor_config.json",))
     processor = ImageProcessor.from_hf(read_config(processor_folder, "preprocessor_config.json"))
-    return Parts(vlm.to(device), load_tokenizer(llm),
+    return Parts(vlm.to(device), load_tokenizer(llm, vcfg.chat_format),
                  instruction_wordpiece(qformer_model, qformer, qformer_tokenizer), processor)
 
 

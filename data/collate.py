@@ -63,31 +63,49 @@ def encode_conversation(tok, system: str, turns: list, n_visual: int, max_len: i
 
 def chat_segments(tok, system: str, turns: list, image: bool) -> tuple[list, list]:
     """(head ids, one (markup, question, header, reply) id lists per turn), from the template
-    rendered once with placeholders and cut at them. markup: the end of the previous turn and
-    the user header (none for the first turn, whose markup between the image and the question is
-    encoded with the question); question: plain text, never special tokens; header: the
-    assistant header; reply: the answer and the end-of-turn id (none for a generation prompt)."""
+    rendered once with placeholders (every answer one, so each turn's closing text is known) and
+    cut at them. markup: the end of the previous turn and the user header (none for the first
+    turn, whose markup between the image and the question is encoded with the question);
+    question: plain text, never special tokens; header: the assistant header; reply: the answer,
+    the template's text up to the end-of-turn token (Llama-2's " "), and that token's id (none
+    for a generation prompt). Spaces the template puts before a question or an answer go with
+    it, as a space belongs to the word after it (SentencePiece's "▁word", GPT-2's " word"), and
+    pieces that continue text are encoded as continuing (no SentencePiece "▁" in front), so a
+    text-only conversation gets the ids of its whole rendered text."""
     messages = [{"role": "system", "content": system},
                 {"role": "user", "content": f"{IMAGE}\n{QUESTION}" if image else QUESTION}]
     for _ in turns[1:]:
         messages += [{"role": "assistant", "content": ANSWER}, {"role": "user", "content": QUESTION}]
-    text = tok.render_chat(messages, add_generation_prompt=True)
+    text = tok.render_chat(messages + [{"role": "assistant", "content": ANSWER}],
+                           add_generation_prompt=False)
+    before, rest = text.split(IMAGE if image else QUESTION, 1)
+    between, lead = "", ""
     if image:
-        before, rest = text.split(IMAGE, 1)
         between, rest = rest.split(QUESTION, 1)
     else:
-        (before, rest), between = text.split(QUESTION, 1), ""
+        before, lead = split_spaces(before)
     pieces = re.split(f"{QUESTION}|{ANSWER}", rest)      # header, after answer, header, ...
-    headers, after_answers = pieces[0::2], pieces[1::2]
-    end_of_turn = tok.decode([tok.stop_ids[0]]) if after_answers else ""  # ends each reply
-    markups = [""] + [m.removeprefix(end_of_turn) for m in after_answers]
-    segments = []
-    for k, ((question, answer), markup, header) in enumerate(zip(turns, markups, headers)):
-        segments.append((tok.encode(markup, allow_special=True),
-                         tok.encode(between + question if k == 0 else question),
-                         tok.encode(header, allow_special=True),
-                         [] if answer is None else tok.encode(answer) + [tok.stop_ids[0]]))
+    end_of_turn = tok.decode([tok.stop_ids[0]])
+    closings = [after.partition(end_of_turn) if end_of_turn in after else ("", "", after)
+                for after in pieces[1::2]]               # (reply text, end of turn, markup)
+    segments, markup = [], ""
+    for k, ((question, answer), header, (tail, _, next_markup)) in enumerate(
+            zip(turns, pieces[0::2], closings)):
+        header, answer_lead = split_spaces(header)
+        first = tok.encode(between + question) if image and k == 0 else \
+            tok.encode(lead + question, continuing=True)
+        segments.append((tok.encode(markup, allow_special=True), first,
+                         tok.encode(header, allow_special=True, continuing=True),
+                         [] if answer is None else
+                         tok.encode(answer_lead + answer + tail, continuing=True) + [tok.stop_ids[0]]))
+        markup, lead = split_spaces(next_markup)
     return tok.encode(before, allow_special=True), segments
+
+
+def split_spaces(text: str) -> tuple[str, str]:
+    """(text without its trailing spaces, those spaces)."""
+    kept = text.rstrip(" ")
+    return kept, text[len(kept):]
 
 
 def fit(segments: list, max_len: int, n_head: int, n_visual: int,

@@ -43,7 +43,11 @@ class CharTokenizer:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-    def encode(self, text, allow_special=False):
+    def decode(self, ids):  # data.collate reads the end-of-turn text back
+        names = {i: t for t, i in self.SPECIAL.items()}
+        return "".join(names.get(i, "?") for i in ids)
+
+    def encode(self, text, allow_special=False, continuing=False):
         pieces = re.split(r"(<\|im_start\|>|<\|im_end\|>)", text) if allow_special else [text]
         ids = []
         for piece in pieces:

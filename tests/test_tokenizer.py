@@ -1,5 +1,7 @@
 """text/tokenizer.py against the `tokenizers` library and transformers (test-only references) on the
-converted SmolLM2 folder, GPT-2's BPE ranks, and tiny Llama-3-style tokenizers written here."""
+converted SmolLM2 folder, GPT-2's BPE ranks, tiny Llama-3-style tokenizers written here, and a tiny
+SentencePiece-style BPE (the Llama-2 layout) trained here, with the Llama-2 and Vicuna chat
+formats."""
 import base64
 import json
 import random
@@ -7,13 +9,16 @@ import random
 import pytest
 import tokenizers
 import transformers
-from tokenizers import decoders, pre_tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
 from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from data.collate import encode_conversation
 
 from weights.checkpoint import CheckpointError
 from weights.offline import gpt2_ranks_path, smollm2_folder
-from text.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL, load_tokenizer
+from text.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL, VICUNA_SYSTEM, load_tokenizer
 
 SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<file_sep>",
                  "<jupyter_code>", "<empty_output>"]
@@ -232,7 +237,7 @@ def test_split_regex_tokenizer_json_matches_tokenizers(tmp_path):
 
 def test_unsupported_tokenizers_are_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({
-        "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "Metaspace"},
+        "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
         "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))
     with pytest.raises(CheckpointError, match="unsupported pre_tokenizer"):
         load_tokenizer(tmp_path)
@@ -244,3 +249,196 @@ def test_unsupported_tokenizers_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "empty")
+
+
+# ---- SentencePiece-style BPE (Llama-2 / Vicuna / Mistral-v0.1 layout) and its chat formats ------
+
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+SP_WORDS = ("the a chat between curious user and an artificial intelligence assistant gives helpful "
+            "detailed polite answers to questions what colour is shape red blue green circle square "
+            "triangle yes no there image describe hello world café naïve déjà vu 東京 中文 12 2024 "
+            "3.14 ( ) , . ? ! : ; - ' USER ASSISTANT [INST] [/INST] <<SYS>> <</SYS>> don't").split()
+LLAMA2_TEMPLATE = (  # the hub's Llama-2-chat template
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set "
+    "system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set "
+    "system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == "
+    "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != "
+    "false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + "
+    "message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if "
+    "message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif "
+    "message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+SP_LAYOUTS = {  # (normalizer, pre-tokenizer, decoder) of the layouts hub files use
+    "llama2": (normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]), None,
+               decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                  decoders.Strip(" ", 1, 0)])),
+    "metaspace-first": (None, pre_tokenizers.Metaspace("▁", prepend_scheme="first", split=False),
+                        decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])),
+    "metaspace-always-split": (None, pre_tokenizers.Metaspace("▁", prepend_scheme="always"),
+                               decoders.Metaspace("▁", prepend_scheme="always")),
+}
+
+
+@pytest.fixture(scope="module")
+def sp_model():
+    """(vocab, merges) of a tiny SentencePiece-style BPE trained by `tokenizers`: words start with
+    "▁" and merges stay inside words (as SentencePiece splits on whitespace); ids are the Llama
+    order: <unk> <s> </s>, the 256 <0xNN> byte tokens, then the learned tokens."""
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(SP_WORDS) for _ in range(rng.randint(3, 20))) for _ in range(3000)]
+    trainer = tokenizers.Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    trainer.normalizer = SP_LAYOUTS["llama2"][0]
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="never")
+    trainer.train_from_iterator(corpus, BpeTrainer(vocab_size=800, special_tokens=SP_SPECIALS))
+    learned = sorted(trainer.get_vocab().items(), key=lambda item: item[1])
+    names = SP_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + \
+        [t for t, _ in learned if t not in SP_SPECIALS]
+    merges = [tuple(m) for m in json.loads(trainer.to_str())["model"]["merges"]]
+    return {t: i for i, t in enumerate(names)}, merges
+
+
+def sp_folder(path, sp_model, layout="llama2", chat_template=None):
+    """A hub-layout folder with the tokenizer.json `tokenizers` writes for the layout (Llama's
+    post-processor puts <s> in front) -> (folder, the reference tokenizer)."""
+    vocab, merges = sp_model
+    ref = tokenizers.Tokenizer(BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    ref.normalizer, ref.pre_tokenizer, ref.decoder = SP_LAYOUTS[layout]
+    ref.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SP_SPECIALS])
+    ref.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    path.mkdir(exist_ok=True)
+    ref.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        config | ({"chat_template": chat_template} if chat_template else {})))
+    return path, tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def byte_fallback_texts(seed, n):
+    """Characters the tiny vocabulary lacks: every one is spelled in <0xNN> byte tokens."""
+    rng = random.Random(seed)
+    return ["".join(chr(rng.choice([rng.randint(0x80, 0x7FF), rng.randint(0x3040, 0x9FFF),
+                                     rng.randint(0x1F300, 0x1FAFF), ord(rng.choice(" \n\tab"))]))
+                    for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("layout", list(SP_LAYOUTS))
+def test_sentencepiece_bpe_matches_tokenizers(tmp_path, sp_model, layout):
+    """Parity on 1,000 random strings (ASCII, space runs, newlines, tabs, digits, punctuation,
+    accented Latin, CJK, emoji, <s> / </s> / <unk> text) and 200 strings of characters that need
+    byte fallback: encode with and without special tokens, decode, and <s> from the reference's
+    post-processor, which our encode leaves to the chat format."""
+    folder, ref = sp_folder(tmp_path / layout, sp_model, layout)
+    tok = load_tokenizer(folder)
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids, tok.vocab_size) == (1, 2, (2,), ref.get_vocab_size())
+    strings = texts(11, 1000, SP_SPECIALS) + byte_fallback_texts(12, 200)
+    bytes_used = sum(any(3 <= i < 259 for i in tok.encode(s)) for s in strings)
+    assert bytes_used > 400 and sum(" " in s or "\t" in s or "\n" in s for s in strings) > 500
+    assert mismatches(lambda s: tok.encode(s, allow_special=True),
+                      lambda s: ref.encode(s, add_special_tokens=False).ids, strings) == []
+    assert all(ref.encode(s).ids == [1] + tok.encode(s, allow_special=True) for s in strings[:200])
+    ref.encode_special_tokens = True   # special-token text as plain text, like allow_special=False
+    assert mismatches(tok.encode, lambda s: ref.encode(s, add_special_tokens=False).ids, strings) == []
+    assert mismatches(lambda s: tok.decode(tok.encode(s, allow_special=True)),
+                      lambda s: ref.decode(tok.encode(s, allow_special=True), skip_special_tokens=False),
+                      strings) == []
+    rng = random.Random(13)
+    for _ in range(200):  # arbitrary ids: byte tokens that are not UTF-8, special tokens
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    if layout == "llama2":  # the layout round-trips every string without a literal "▁"
+        assert all(tok.decode(tok.encode(s)) == s for s in strings if "▁" not in s)
+
+
+def test_llama2_chat_format_matches_apply_chat_template(tmp_path, sp_model):
+    folder, ref = sp_folder(tmp_path / "llama2", sp_model, chat_template=LLAMA2_TEMPLATE)
+    tok = load_tokenizer(folder)
+    assert tok.chat_format == "llama2"
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    for conversation in CONVERSATIONS:
+        text = auto.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        assert tok.render_chat(conversation) == text
+        assert tok.encode_chat(conversation) == ref.encode(text, add_special_tokens=False).ids
+    assert tok.render_chat(CONVERSATIONS[2]) == \
+        "<s>[INST] 2+2? [/INST] 4 </s><s>[INST] and 3+3? [/INST]"
+    assert load_tokenizer(folder, chat_format="vicuna").chat_format == "vicuna"
+
+
+def test_vicuna_v1_is_llavas_conv_vicuna_v1(tmp_path, sp_model):
+    """The string LLaVA's conv_vicuna_v1 writes (separator style TWO: " " after a user turn,
+    "</s>" after an answer), after the <s> its tokenizer adds; chosen by name, as Vicuna's
+    tokenizer_config has no chat template."""
+    folder, ref = sp_folder(tmp_path / "vicuna", sp_model)
+    assert load_tokenizer(folder).chat_format == "plain"
+    tok = load_tokenizer(folder, chat_format="vicuna")
+    turns = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"},
+             {"role": "user", "content": "Which shape?"}]
+    text = tok.render_chat(turns)
+    assert text == (f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat colour? ASSISTANT: red</s>"
+                    "USER: Which shape? ASSISTANT:")
+    assert VICUNA_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. "
+                             "The assistant gives helpful, detailed, and polite answers to the user's "
+                             "questions.")
+    assert tok.render_chat([{"role": "system", "content": "Be brief."}] + turns[:2], False) == \
+        "<s>Be brief. USER: <image>\nWhat colour? ASSISTANT: red</s>"
+    assert tok.encode_chat(turns) == ref.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("chat_format", ["llama2", "vicuna"])
+def test_two_turn_conversation_labels_exactly_the_two_answers(tmp_path, sp_model, chat_format):
+    """data.collate renders the format with placeholders and cuts it: a text-only conversation
+    gets exactly the reference's ids of its whole rendered text, and the labels are the two
+    answers (with Llama-2's " " before </s>) and their </s>; with an image, the same labels."""
+    folder, ref = sp_folder(tmp_path / chat_format, sp_model)
+    tok = load_tokenizer(folder, chat_format=chat_format)
+    turns = [("What colour is the shape?", "red"), ("Is there a circle?", "no, a square")]
+    messages = [{"role": "system", "content": ""}]
+    for question, answer in turns:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    whole = ref.encode(tok.render_chat(messages, add_generation_prompt=False), add_special_tokens=False)
+    for n_visual in (0, 3):
+        e = encode_conversation(tok, "", turns, n_visual)
+        if n_visual == 0:
+            assert e.input_ids == whole.ids
+        runs = "".join("x" if label != -100 else " " for label in e.labels).split()
+        assert len(runs) == 2
+        labelled = [label for label in e.labels if label != -100]
+        answers = tok.decode(labelled).split("</s>")
+        assert [a.strip() for a in answers] == ["red", "no, a square", ""]
+        assert labelled.count(2) == 2 and labelled[-1] == 2
+        assert sum(e.image_mask) == n_visual
+
+
+def test_chat_format_choice_errors(tmp_path, sp_model):
+    folder, _ = sp_folder(tmp_path / "sp", sp_model)
+    with pytest.raises(CheckpointError, match="unknown chat format 'alpaca'"):
+        load_tokenizer(folder, chat_format="alpaca")
+    with pytest.raises(CheckpointError, match="lacks <\\|im_start\\|>"):
+        load_tokenizer(folder, chat_format="chatml")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    with pytest.raises(CheckpointError, match="--chat-format"):
+        load_tokenizer(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["decoder"] = {"type": "WordPiece", "prefix": "##"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="unsupported decoder"):
+        load_tokenizer(folder, chat_format="llama2")
+
+
+def test_sentencepiece_bpe_merges_only_listed_pairs(tmp_path):
+    """Why text/sentencepiece.py is not tiktoken: with merges [b c], [a b], [ab c], "abc" is
+    a + bc (a + bc is not a listed merge); tiktoken's rank order would merge it into abc."""
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "c": 4, "bc": 5, "ab": 6, "abc": 7}
+    ref = tokenizers.Tokenizer(BPE(vocab, [("b", "c"), ("a", "b"), ("ab", "c")], unk_token="<unk>",
+                                   byte_fallback=True))
+    ref.normalizer = SP_LAYOUTS["llama2"][0]
+    ref.add_special_tokens([tokenizers.AddedToken("</s>", special=True, normalized=False)])
+    ref.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path)
+    for text in ["abc", "ab c", "xabcab", "cab"]:
+        assert tok.encode(text) == ref.encode(text).ids
+    assert tok.encode("abc") == [1, 2, 5] and tok.encode("ab c") == [1, 6, 1, 4]
+    assert tok.encode("x") == [1, 0]   # no byte tokens in this vocabulary: <unk>

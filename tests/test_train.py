@@ -30,7 +30,7 @@ from text.tokenizer import load_tokenizer
 from vit import ImageProcessor, ViT
 from training.config import TrainConfig, needs_offline_towers, resolve
 from weights.checkpoint import CheckpointError
-from vlm import ADAPTERS, DESIGNS, TRAINABLE, load_run, saved_components
+from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLMConfig, load_run, saved_components
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_DATA = {1: "captions", 2: "vqa", 3: "mc"}
@@ -624,10 +624,25 @@ def test_parse_args_types_and_booleans():
     assert train.parse_args([]) == TrainConfig()
 
 
+def test_chat_format_flag_reaches_the_tokenizer_and_the_run_config():
+    """--chat-format picks the LLM's chat format (auto: from its template); the run's "vlm"
+    config carries it to load_run, and run directories written before it load as auto."""
+    assert train.parse_args([]).chat_format == "auto"
+    assert train.parse_args(["--chat-format", "vicuna"]).chat_format == "vicuna"
+    vcfg = VLMConfig.from_dict(VLMConfig(chat_format="llama2").to_dict())
+    assert vcfg.chat_format == "llama2"
+    old = VLMConfig().to_dict()
+    del old["chat_format"]
+    assert VLMConfig.from_dict(old).chat_format == "auto"
+    assert load_tokenizer(smollm2_folder(), "plain").render_chat(
+        [{"role": "user", "content": "hi"}]) == "user: hi\n\nassistant:"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--adapter", "lora"], "argument --adapter: invalid choice: 'lora'"),
     (["--stage", "5"], "argument --stage: invalid choice: 5"),
     (["--dtype", "fp16"], "argument --dtype: invalid choice"),
+    (["--chat-format", "alpaca"], "argument --chat-format: invalid choice: 'alpaca'"),
     (["--steps", "ten"], "argument --steps: invalid int value"),
     (["--batch-size", "-1"], "--batch-size and --steps must be >= 0"),
     (["--grad-accum", "0"], "--grad-accum >= 1"),

@@ -1,6 +1,7 @@
 """
-Byte-level BPE tokenizers of the hub's decoder LLMs, run by tiktoken, plus each model's chat
-format. No `tokenizers`/`transformers` here: the hub's tokenizer.json is read as plain JSON.
+Byte-level BPE tokenizers of the hub's decoder LLMs, run by tiktoken, SentencePiece-style BPE
+(Llama-2, Vicuna, Mistral-v0.1; text/sentencepiece.py), plus each model's chat format. No
+`tokenizers`/`transformers` here: the hub's tokenizer.json is read as plain JSON.
 
 How a hub tokenizer.json becomes a tiktoken Encoding (our reconstruction, checked against the
 `tokenizers` library token for token in tests/test_tokenizer.py):
@@ -16,8 +17,13 @@ Llama-3's original tokenizer.model is already in tiktoken's format (base64 bytes
 its 256 special tokens follow the ranks, as in Meta's llama-models tokenizer.
 
 Chat formats: ChatML (SmolLM2, Qwen2; the template's default system message is inserted when the
-conversation has none, as the template does), Llama-3, and for base models without either a
-plain "role: content" format of our own.
+conversation has none, as the template does), Llama-3, Llama-2 chat (its hub template: "<s>[INST]
+<<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]"), Vicuna
+v1 (LLaVA's conv_vicuna_v1: "<s>{system} USER: {user} ASSISTANT: {answer}</s>USER: {user}
+ASSISTANT:"; a missing or empty system message is LLaVA's, as LLaVA always writes one), and for
+base models without any of them a plain "role: content" format of our own. The format is read
+off tokenizer_config.json's chat_template (ChatML, Llama-3, Llama-2) or chosen by name
+(load_tokenizer's chat_format, train.py's --chat-format); Vicuna has no template to detect.
 """
 import base64
 import binascii
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import tiktoken
 
+from text.sentencepiece import SentencePieceBPE, is_sentencepiece_bpe
 from weights.checkpoint import CheckpointError, resolve_checkpoint
 from weights.offline import gpt2_ranks_path
 
@@ -45,14 +52,22 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
                   "<|python_tag|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 
-CHATML, LLAMA3, PLAIN = "chatml", "llama3", "plain"
+CHATML, LLAMA3, LLAMA2, VICUNA, PLAIN = "chatml", "llama3", "llama2", "vicuna", "plain"
+CHAT_FORMATS = (CHATML, LLAMA3, LLAMA2, VICUNA, PLAIN)
 END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>"}
+FORMAT_TOKENS = {CHATML: ("<|im_start|>", "<|im_end|>"),      # the special tokens a format writes
+                 LLAMA3: ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|eot_id|>")}
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
+                 "assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 class Tokenizer:
-    """encode/decode over a tiktoken Encoding, the special ids, and the model's chat format."""
+    """encode/decode over a tiktoken Encoding or a SentencePieceBPE, the special ids, and the
+    model's chat format."""
 
-    def __init__(self, enc: tiktoken.Encoding, special_tokens: dict[str, int], chat_format: str,
+    def __init__(self, enc: tiktoken.Encoding | SentencePieceBPE, special_tokens: dict[str, int],
+                 chat_format: str,
                  bos: str | None = None, eos: str | None = None, pad: str | None = None,
                  default_system: str | None = None, extra_stop_ids=(), always_split=(),
                  nfc: bool = False):
@@ -61,6 +76,7 @@ class Tokenizer:
         self.vocab_size = enc.n_vocab
         self.chat_format, self.default_system, self.nfc = chat_format, default_system, nfc
         self.always_split = set(always_split)  # added tokens that are matched even in plain text
+        self.bos_token, self.eos_token = bos, eos
         self.bos_id, self.eos_id, self.pad_id = (None if t is None else self.token_id(t)
                                                  for t in (bos, eos, pad))
         end = END_OF_TURN.get(chat_format)
@@ -78,9 +94,13 @@ class Tokenizer:
         except KeyError:
             raise CheckpointError(f"token {token!r} is not in the vocabulary") from None
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+    def encode(self, text: str, allow_special: bool = False, continuing: bool = False) -> list[int]:
         """Token ids. Special-token text (e.g. "<|im_end|>") becomes its id only when
-        allow_special; otherwise it is tokenized as the plain text it is."""
+        allow_special; otherwise it is tokenized as the plain text it is. continuing: the text
+        continues earlier text (a piece of a rendered chat), so a SentencePiece tokenizer puts
+        no "▁" in front of it; byte-level BPE has no such marker."""
+        if isinstance(self.enc, SentencePieceBPE):
+            return self.enc.encode(text, allow_special, continuing)
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
         allowed = "all" if allow_special else self.always_split
@@ -102,6 +122,11 @@ class Tokenizer:
                 for m in messages)
             prompt = "<|start_header_id|>assistant<|end_header_id|>\n\n"
             return text + (prompt if add_generation_prompt else "")
+        if self.chat_format == LLAMA2:
+            return render_llama2(messages, self.bos_token or "", self.eos_token or "")
+        if self.chat_format == VICUNA:
+            return render_vicuna(messages, add_generation_prompt, self.bos_token or "",
+                                 self.eos_token or "")
         text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages)
         return text + ("assistant:" if add_generation_prompt else "")
 
@@ -109,15 +134,45 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), allow_special=True)
 
 
+def render_llama2(messages: list[dict], bos: str, eos: str) -> str:
+    """Llama-2 chat's hub template: a system message opens the first user turn inside <<SYS>>;
+    contents are stripped; the text after the last user turn is already the generation prompt."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    text = ""
+    for k, m in enumerate(messages[1:] if system is not None else messages):
+        content = m["content"]
+        if k == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if m["role"] == "user":
+            text += f"{bos}[INST] {content.strip()} [/INST]"
+        elif m["role"] == "assistant":
+            text += f" {content.strip()} {eos}"
+    return text
+
+
+def render_vicuna(messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
+    """LLaVA's conv_vicuna_v1 (separator style TWO, sep " ", sep2 "</s>") after the BOS token its
+    training adds: system, then "USER: q " and "ASSISTANT: a</s>"; the prompt ends "ASSISTANT:"."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    text = bos + (system or VICUNA_SYSTEM) + " "
+    for m in messages:
+        if m["role"] == "user":
+            text += f"USER: {m['content']} "
+        elif m["role"] == "assistant":
+            text += f"ASSISTANT: {m['content']}{eos}"
+    return text + ("ASSISTANT:" if add_generation_prompt else "")
+
+
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(name_or_path) -> Tokenizer:
-    """From a local folder or hub repo id: tokenizer.json (byte-level BPE), else Llama-3's
-    tiktoken-format tokenizer.model, else (config.json says gpt2) GPT-2. "gpt2" itself is
-    GPT-2 from the BPE ranks openai-whisper ships, which works offline."""
+def load_tokenizer(name_or_path, chat_format: str = "auto") -> Tokenizer:
+    """From a local folder or hub repo id: tokenizer.json (byte-level or SentencePiece-style
+    BPE), else Llama-3's tiktoken-format tokenizer.model, else (config.json says gpt2) GPT-2.
+    "gpt2" itself is GPT-2 from the BPE ranks openai-whisper ships, which works offline.
+    chat_format: one of CHAT_FORMATS, or "auto" to read it off the chat template."""
     if str(name_or_path) == "gpt2":
-        return gpt2_tokenizer()
+        return gpt2_tokenizer(chat_format)
     folder = resolve_checkpoint(name_or_path, allow_patterns=TOKENIZER_FILES)
     tok_cfg = read_optional(folder / "tokenizer_config.json")
     model_cfg = read_optional(folder / "config.json")
@@ -129,7 +184,7 @@ def load_tokenizer(name_or_path) -> Tokenizer:
         always_split, nfc = (), False
         tok_cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", **tok_cfg}
     elif model_cfg.get("model_type") == "gpt2":
-        return gpt2_tokenizer()
+        return gpt2_tokenizer(chat_format)
     else:
         raise CheckpointError(f"{folder}: no tokenizer.json or tokenizer.model")
     ids_to_token = {i: t for t, i in specials.items()}
@@ -142,7 +197,10 @@ def load_tokenizer(name_or_path) -> Tokenizer:
             value = ids_to_token.get(model_cfg.get(f"{key}_token_id"))
         return value
 
-    chat_format = detect_chat_format(specials, tok_cfg.get("chat_template"))
+    template = tok_cfg.get("chat_template")
+    if chat_format == "auto":
+        chat_format = detect_chat_format(specials, template)
+    check_chat_format(chat_format, specials, token("bos"), token("eos"), folder)
     gen_eos = gen_cfg.get("eos_token_id", [])
     return Tokenizer(enc, specials, chat_format, bos=token("bos"), eos=token("eos"), pad=token("pad"),
                      default_system=default_system(tok_cfg.get("chat_template"), chat_format),
@@ -164,10 +222,13 @@ def detect_chat_format(specials: dict, template) -> str:
     else from the special tokens."""
     if isinstance(template, list):
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template and "[INST]" in template and "<<SYS>>" in template:
+        return LLAMA2
     if template:
         evidence = template
         if "<|im_start|>" not in template and "<|start_header_id|>" not in template:
-            raise CheckpointError("chat template is neither ChatML nor Llama-3; not supported:\n"
+            raise CheckpointError("chat template is not ChatML, Llama-3 or Llama-2 chat; choose a "
+                                  f"format by name (--chat-format: {', '.join(CHAT_FORMATS)}):\n"
                                   f"{template[:300]}")
     else:
         evidence = " ".join(specials)
@@ -178,6 +239,19 @@ def detect_chat_format(specials: dict, template) -> str:
     return PLAIN
 
 
+def check_chat_format(chat_format: str, specials: dict, bos, eos, folder):
+    """The format is known and the tokenizer has the special tokens it writes."""
+    if chat_format not in CHAT_FORMATS:
+        raise CheckpointError(f"unknown chat format {chat_format!r}: choose one of "
+                              f"{', '.join(CHAT_FORMATS)} (or auto)")
+    needed = FORMAT_TOKENS.get(chat_format, (bos, eos) if chat_format in (LLAMA2, VICUNA) else ())
+    missing = [t for t in needed if t is None or t not in specials]
+    if missing:
+        raise CheckpointError(f"{folder}: chat format {chat_format} writes "
+                              f"{', '.join(map(str, needed))}, but the tokenizer lacks "
+                              f"{', '.join(map(str, missing))}")
+
+
 def default_system(template, chat_format: str) -> str | None:
     """The system message a ChatML template writes when the conversation has none."""
     if chat_format != CHATML or not isinstance(template, str):
@@ -186,11 +260,15 @@ def default_system(template, chat_format: str) -> str | None:
     return found.group(1) if found else None
 
 
-def gpt2_tokenizer() -> Tokenizer:
+def gpt2_tokenizer(chat_format: str = "auto") -> Tokenizer:
+    """GPT-2, in the plain chat format unless another is chosen."""
     ranks = read_tiktoken_ranks(gpt2_ranks_path())
-    specials = {"<|endoftext|>": 50256}
+    end = "<|endoftext|>"
+    specials = {end: 50256}
+    chat_format = PLAIN if chat_format == "auto" else chat_format
+    check_chat_format(chat_format, specials, end, end, "gpt2")
     enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-    return Tokenizer(enc, specials, PLAIN, bos="<|endoftext|>", eos="<|endoftext|>")
+    return Tokenizer(enc, specials, chat_format, bos=end, eos=end)
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -244,12 +322,16 @@ def split_pattern(pre: dict | None, path: Path) -> str:
 
 
 def encoding_from_tokenizer_json(path: Path):
-    """(tiktoken Encoding, special tokens {text: id}, added non-special tokens, NFC?) from a
-    `tokenizers` byte-level BPE tokenizer.json."""
+    """(encoding, special tokens {text: id}, added non-special tokens, NFC?) from a `tokenizers`
+    tokenizer.json: a tiktoken Encoding for byte-level BPE, a SentencePieceBPE (which splits on
+    its own added tokens) for SentencePiece-style BPE."""
     spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    if is_sentencepiece_bpe(spec):
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        return SentencePieceBPE(spec, path), added, set(), False
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise CheckpointError(f"{path}: model {model.get('type')} is not a byte-level BPE")
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"{path}: model {model.get('type')} is not a BPE")
     normalizer = (spec.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise CheckpointError(f"{path}: unsupported normalizer {normalizer}")

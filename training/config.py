@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from text.tokenizer import CHAT_FORMATS
 from vlm import ADAPTERS
 from weights.checkpoint import CheckpointError
 
@@ -47,6 +48,10 @@ class TrainConfig:
                                       "or folder); empty = the --qformer folder's own, else its "
                                       "qformer_tokenizer/ (InstructBLIP). BLIP-2 repos carry "
                                       "none: pass google-bert/bert-base-uncased")
+    chat_format: str = flag("auto", "the LLM's chat format; auto = read off its tokenizer_config's "
+                                    "chat template (ChatML, Llama-3, Llama-2), else plain. Vicuna "
+                                    "(LLaVA's conv_vicuna_v1) has no template: choose vicuna. The "
+                                    "run records the format it used", ["auto", *CHAT_FORMATS])
     data: str = flag("", "LLaVA-format JSON to train on; empty = easy-vqa's file for this stage")
     image_root: str = flag("", "the folder --data's (and --val-data's) image paths are relative to")
     val_data: str = flag("", "validation JSON; empty = easy-vqa's validation file (none with --data)")

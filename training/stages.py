@@ -13,7 +13,7 @@ Nothing here trains stage 0 on the way to another run: train.main decides that, 
 """
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -209,9 +209,10 @@ def vlm_job(cfg, env) -> Job:
     """Stages 1-3: caption pretraining, instruction tuning, task fine-tuning. The model starts
     from the previous stage's weights; what trains per design and stage is vlm.TRAINABLE."""
     sources = backbones(cfg)
-    vcfg = VLMConfig(adapter=cfg.adapter, shuffle=cfg.pixel_shuffle,
+    vcfg = VLMConfig(adapter=cfg.adapter, shuffle=cfg.pixel_shuffle, chat_format=cfg.chat_format,
                      iaa=IAAConfig(n_insert=cfg.iaa_layers, init=cfg.iaa_init))
     parts = build_vlm(vcfg, **sources, bf16=cfg.dtype == "bf16", device=env.device)
+    vcfg = replace(vcfg, chat_format=parts.tok.chat_format)   # "auto" recorded as what it found
     model = parts.model
     init_from_previous_stage(model, cfg, env)
     model.set_stage(cfg.stage)
