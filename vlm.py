@@ -29,11 +29,12 @@ import torch.nn.functional as F
 
 from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWAConfig,
                       add_mwa_to_llm)
+from image_processor import ImageProcessor
 from model import LLM, generate
 from qformer import QFormer
 from text.tokenizer import Tokenizer, load_tokenizer
 from text.wordpiece import VOCAB_FILES, WordPieceTokenizer
-from vit import ImageProcessor, ViT
+from vit import ViT
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
                                 resolve_checkpoint)
 

@@ -27,7 +27,8 @@ from model import LLM
 from qformer import QFormer
 from text.wordpiece import WordPieceTokenizer
 from text.tokenizer import load_tokenizer
-from vit import ImageProcessor, ViT
+from image_processor import ImageProcessor
+from vit import ViT
 from training.config import TrainConfig, needs_offline_towers, resolve
 from weights.checkpoint import CheckpointError
 from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLMConfig, load_run, saved_components

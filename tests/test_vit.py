@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from skimage import data as skdata
 
 from weights.checkpoint import CheckpointError
-from vit import ImageProcessor, ViT, ViTConfig, pad_to_square
+from image_processor import ImageProcessor, pad_to_square
+from vit import ViT, ViTConfig
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             image_size=32, patch_size=8)

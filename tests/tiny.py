@@ -26,7 +26,8 @@ from qformer import QFormer, QFormerConfig
 from training.config import parse_args, resolve
 from training.runtime import Env
 from training.stages import build_job
-from vit import ImageProcessor, ViT, ViTConfig
+from image_processor import ImageProcessor
+from vit import ViT, ViTConfig
 
 LLM_LAYERS = 17
 VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
