@@ -1,7 +1,7 @@
 """
 Image preprocessing for the vision towers, equal to transformers' image processors (PIL
-backend): CLIPImageProcessor (resize the short side, centre crop) and SiglipImageProcessor
-(resize to a square), plus LLaVA's pad-to-square. Read from and written as a hub
+backend): CLIPImageProcessor (resize the short side, centre crop), SiglipImageProcessor and
+BlipImageProcessor (BLIP-2 / InstructBLIP: resize to a square), plus LLaVA's pad-to-square. Read from and written as a hub
 preprocessor_config.json.
 """
 from dataclasses import dataclass
@@ -12,6 +12,8 @@ from PIL import Image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Preprocessing mode -> the transformers image processor it equals (image_processor_type).
+MODES = {"clip": "CLIPImageProcessor", "siglip": "SiglipImageProcessor", "blip": "BlipImageProcessor"}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -35,10 +37,11 @@ def pad_to_square(image: Image.Image, fill) -> Image.Image:
 
 @dataclass
 class ImageProcessor:
-    """CLIP / SigLIP preprocessing, equal to transformers' CLIPImageProcessor /
-    SiglipImageProcessor (PIL backend). mode "clip": resize the shortest side to `size`
-    (bicubic, long side int(size * long / short)), centre crop `crop_size`; mode "siglip": resize to
-    size x size. Then x / 255 and (x - mean) / std per channel. pad_to_square (LLaVA's
+    """CLIP / SigLIP / BLIP preprocessing, equal to transformers' CLIPImageProcessor /
+    SiglipImageProcessor / BlipImageProcessor (PIL backend). mode "clip": resize the shortest side
+    to `size` (bicubic, long side int(size * long / short)), centre crop `crop_size`; modes
+    "siglip" and "blip" (the same steps; BLIP keeps CLIP's mean and std): resize to size x size,
+    no crop. Then x / 255 and (x - mean) / std per channel. pad_to_square (LLaVA's
     image_aspect_ratio="pad") first pads to a square of the mean colour."""
     size: int = 224
     crop_size: int = 224
@@ -50,8 +53,8 @@ class ImageProcessor:
     rescale_factor: float = 1 / 255
 
     def __post_init__(self):
-        if self.mode not in ("clip", "siglip"):
-            raise ValueError(f"unknown preprocessing mode {self.mode!r}: choose clip or siglip")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown preprocessing mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.mode == "clip" and self.crop_size > self.size:
             raise ValueError(f"crop_size {self.crop_size} larger than the resized short side {self.size}")
 
@@ -65,12 +68,17 @@ class ImageProcessor:
                    mode="siglip", **kw)
 
     @classmethod
+    def blip(cls, image_size: int, **kw) -> "ImageProcessor":
+        return cls(size=image_size, crop_size=image_size, mode="blip", **kw)
+
+    @classmethod
     def from_hf(cls, hf: dict, pad_to_square: bool | None = None) -> "ImageProcessor":
         """A preprocessor_config.json dict (CLIP: size {"shortest_edge"} or an int, crop_size;
-        SigLIP: size {"height", "width"}). Steps it switches off that we always run are errors."""
+        SigLIP, BLIP: size {"height", "width"}). Steps it switches off that we always run are errors."""
         kind = hf.get("image_processor_type", hf.get("feature_extractor_type", ""))
         size = hf.get("size", 224)
-        mode = "siglip" if kind.startswith("Siglip") or (isinstance(size, dict) and "height" in size) else "clip"
+        mode = "blip" if kind.startswith("Blip") else "siglip" if kind.startswith("Siglip") or (
+            isinstance(size, dict) and "height" in size) else "clip"
         expected = dict(do_resize=True, do_rescale=True, do_normalize=True, do_center_crop=mode == "clip")
         for flag, value in expected.items():
             if hf.get(flag, value) != value:
@@ -85,7 +93,7 @@ class ImageProcessor:
 
     def to_hf(self) -> dict:
         clip = self.mode == "clip"
-        hf = dict(image_processor_type="CLIPImageProcessor" if clip else "SiglipImageProcessor",
+        hf = dict(image_processor_type=MODES[self.mode],
                   do_resize=True, do_center_crop=clip, do_rescale=True, do_normalize=True,
                   do_convert_rgb=True, resample=int(self.resample), rescale_factor=self.rescale_factor,
                   image_mean=list(self.mean), image_std=list(self.std), pad_to_square=self.pad_to_square,
@@ -95,7 +103,7 @@ class ImageProcessor:
         return hf
 
     def resize(self, image: Image.Image) -> Image.Image:
-        if self.mode == "siglip":
+        if self.mode != "clip":
             return image.resize((self.size, self.size), resample=self.resample)
         w, h = image.size
         short, long = min(w, h), max(w, h)

@@ -237,6 +237,18 @@ def test_siglip_preprocessing_matches_transformers(size):
     assert max_diff(ours(images()), ref(images(), return_tensors="pt").pixel_values) <= 1e-5
 
 
+
+@pytest.mark.parametrize("size", [224, 37])
+def test_blip_preprocessing_matches_transformers(size):
+    """BLIP-2 / InstructBLIP: resize to size x size, bicubic, OpenAI CLIP's mean and std, no crop."""
+    ref = transformers.BlipImageProcessorPil(size={"height": size, "width": size})
+    ours = ImageProcessor.from_hf(ref.to_dict())
+    assert ours == ImageProcessor.blip(size) and ours.to_hf()["image_processor_type"] == "BlipImageProcessor"
+    assert ImageProcessor.from_hf(ours.to_hf()) == ours
+    got = ours(images())
+    assert got.shape == (5, 3, size, size)
+    assert max_diff(got, ref(images(), return_tensors="pt").pixel_values) <= 1e-5
+
 def test_hub_style_preprocessor_configs():
     old_clip = {"crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
                 "feature_extractor_type": "CLIPFeatureExtractor", "resample": 3, "size": 336,
