@@ -21,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import MWAConfig, add_mwa_to_qformer
+from image_processor import ImageProcessor
 from qformer import QFormer, mean_pool
 from text.wordpiece import WordPieceTokenizer
-from vit import ImageProcessor, ViT, ViTConfig
+from vit import ViT, ViTConfig
 from weights.checkpoint import CheckpointError, load_strict, read_config, read_safetensors_file
 from weights.offline import minilm_folder
 

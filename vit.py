@@ -1,11 +1,19 @@
 """
-The vision tower: a ViT (Dosovitskiy et al. 2021) covering the two towers these adapters sit on,
-CLIP's (Radford et al. 2021) and SigLIP's (Zhai et al. 2023), plus their image preprocessing.
+The vision tower: a ViT (Dosovitskiy et al. 2021) covering the towers these adapters sit on,
+CLIP's (Radford et al. 2021), SigLIP's (Zhai et al. 2023) and BLIP-2 / InstructBLIP's EVA ViT-g
+(Li et al. 2023; Fang et al. 2023); their image preprocessing is in image_processor.py.
 
 - CLIP: patch conv without bias, a class token, learned positions, a LayerNorm before the
   blocks (the hub's `pre_layrnorm`, sic), pre-norm blocks with QuickGELU, a final LayerNorm.
 - SigLIP: patch conv with bias, no class token, no pre-LayerNorm, tanh-GELU. Its attention-
   pooling head (`head.*`) is not built: the adapters read patch tokens, never SigLIP's pooled output.
+- BLIP (the vision tower of a BLIP-2 / InstructBLIP file, transformers' Blip2VisionModel /
+  InstructBlipVisionModel): patch conv with bias, a class token, no pre-LayerNorm, exact GELU,
+  biases on q and v only (LAVIS's q_bias, v_bias; the hub's fused qkv.bias holds zeros for k). A
+  key bias adds the same q.b to every score of a query's row, which softmax ignores, so our fused
+  bias is exact whatever its k third holds. The final LayerNorm is LAVIS's `ln_vision`: the
+  Q-Former was trained on post_layernorm(hidden_states[-1]), all tokens (BLIP-2 already drops
+  EVA's 40th block: the hub's tower has 39).
 
 LLaVA and IAA feed the LLM the second-to-last layer with the class token dropped:
 `vit(pixels, select_layer=-2, drop_cls=True)`. Layer indexing is transformers'
@@ -14,17 +22,16 @@ final LayerNorm), and only the blocks up to the selected one run.
 
 Ours: q/k/v are fused into one matmul (the loader concatenates the hub's three tensors and
 save_pretrained splits them back), and attention goes through F.scaled_dot_product_attention.
-Matches transformers' CLIPVisionModel / SiglipVisionModel in fp32 (the tests allow 1e-4;
-on CPU here the outputs came out bitwise equal).
+Matches transformers' CLIPVisionModel / SiglipVisionModel (the tests allow 1e-4) and
+Blip2VisionModel / InstructBlipVisionModel (1e-5) in fp32; on CPU here the outputs came out
+bitwise equal.
 """
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
                                 remap, resolve_checkpoint, save_json, save_safetensors)
@@ -35,6 +42,8 @@ FAMILIES = {
                  patch_bias=False),
     "siglip": dict(layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", class_token=False,
                    pre_norm=False, patch_bias=True),
+    "blip": dict(layer_norm_eps=1e-6, hidden_act="gelu", class_token=True, pre_norm=False,
+                 patch_bias=True),
 }
 # transformers' config defaults for fields a hub config.json may leave out.
 HUB_DEFAULTS = {
@@ -42,9 +51,13 @@ HUB_DEFAULTS = {
                  num_attention_heads=12, image_size=224, patch_size=32, num_channels=3),
     "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, image_size=224, patch_size=16, num_channels=3),
+    "blip": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                 num_attention_heads=16, image_size=224, patch_size=14, num_channels=3),
 }
 MODEL_TYPES = {"clip_vision_model": "clip", "clip": "clip",
-               "siglip_vision_model": "siglip", "siglip": "siglip"}
+               "siglip_vision_model": "siglip", "siglip": "siglip",
+               "blip_2_vision_model": "blip", "blip-2": "blip",
+               "instructblip_vision_model": "blip", "instructblip": "blip"}
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -53,6 +66,9 @@ ACTIVATIONS = {
 # Tensors of hub checkpoints that are not part of the vision tower; see ViT.from_pretrained.
 SKIPPED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale",
                     "logit_bias")
+# The other components of a Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration
+# file (the Q-Former is qformer.py's to load, the LLM and its projection are not used here).
+BLIP_SKIPPED_PREFIXES = ("qformer.", "query_tokens", "language_projection.", "language_model.")
 
 
 @dataclass
@@ -64,7 +80,7 @@ class ViTConfig:
     image_size: int = 224
     patch_size: int = 16
     num_channels: int = 3
-    family: str = "clip"               # "clip" or "siglip": sets the defaults of the fields below
+    family: str = "clip"               # "clip", "siglip" or "blip": sets the defaults below
     layer_norm_eps: float | None = None
     hidden_act: str | None = None      # "quick_gelu" (CLIP), "gelu_pytorch_tanh" (SigLIP), "gelu"
     class_token: bool | None = None
@@ -88,14 +104,17 @@ class ViTConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ViTConfig":
-        """A CLIPVisionConfig / SiglipVisionConfig dict, or a full CLIP / SigLIP (or LLaVA-style)
-        config.json whose `vision_config` holds them. Fields it leaves out take transformers' defaults."""
+        """A CLIPVisionConfig / SiglipVisionConfig / Blip2VisionConfig / InstructBlipVisionConfig
+        dict, or a full CLIP / SigLIP / BLIP-2 / InstructBLIP (or LLaVA-style) config.json whose
+        `vision_config` holds them. Fields it leaves out take transformers' defaults."""
         vision = hf.get("vision_config", hf)
         model_type = vision.get("model_type", hf.get("model_type"))
         if model_type not in MODEL_TYPES:
             raise CheckpointError(f"unsupported vision model_type {model_type!r}: "
                                   f"expected one of {', '.join(MODEL_TYPES)}")
         family = MODEL_TYPES[model_type]
+        if family == "blip" and not vision.get("qkv_bias", True):
+            raise CheckpointError("a BLIP vision tower without q/v biases (qkv_bias false) is not supported")
         values = {**HUB_DEFAULTS[family], **FAMILIES[family]}
         names = {f.name for f in fields(cls)} - {"family"}
         values.update({k: vision[k] for k in names if vision.get(k) is not None})
@@ -103,8 +122,11 @@ class ViTConfig:
 
     def to_hf(self) -> dict:
         """CLIPVisionConfig / SiglipVisionConfig style. class_token, pre_norm and patch_bias are
-        written too (transformers ignores them and builds its family's layout)."""
+        written too (transformers ignores them and builds its family's layout). BLIP: a
+        Blip2VisionConfig, for from_hf only (save_pretrained does not write BLIP towers)."""
         hf = {k: v for k, v in asdict(self).items() if k != "family"}
+        if self.family == "blip":
+            return {**hf, "model_type": "blip_2_vision_model", "qkv_bias": True}
         if self.family == "clip":
             return {**hf, "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"]}
         return {**hf, "model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"],
@@ -152,7 +174,7 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """CLIP / SigLIP vision tower (see the module docstring). A fresh ViT(cfg) is initialised as
+    """CLIP / SigLIP / BLIP vision tower (see the module docstring). A fresh ViT(cfg) is initialised as
     OpenAI CLIP / transformers' CLIP _init_weights do; the project trains such a tower offline."""
 
     def __init__(self, config: ViTConfig):
@@ -207,13 +229,24 @@ class ViT(nn.Module):
     def forward(self, pixel_values, select_layer: int = -1, drop_cls: bool = False):
         """pixel_values (B, C, H, W) -> transformers' hidden_states[select_layer] (B, N, D); with
         drop_cls, the patch tokens only (a no-op for towers without a class token)."""
-        n_states = self.config.num_hidden_layers + 1
-        if not -n_states <= select_layer < n_states:
-            raise IndexError(f"select_layer {select_layer} out of range for {n_states} hidden states")
-        x = self.embed(pixel_values)
-        for block in self.blocks[:select_layer % n_states]:
-            x = block(x)
+        x = self.hidden_states(pixel_values, (select_layer,))[0]
         return x[:, 1:] if drop_cls and self.config.class_token else x
+
+    def hidden_states(self, pixel_values, layers: tuple) -> list:
+        """pixel_values (B, C, H, W) -> [hidden_states[i] (B, N, D) for i in layers], from one
+        pass that runs the blocks up to the deepest of them only."""
+        n_states = self.config.num_hidden_layers + 1
+        for i in layers:
+            if not -n_states <= i < n_states:
+                raise IndexError(f"select_layer {i} out of range for {n_states} hidden states")
+        depths = [i % n_states for i in layers]
+        x = self.embed(pixel_values)
+        states = {0: x}
+        for depth, block in enumerate(self.blocks[:max(depths)], start=1):
+            x = block(x)
+            if depth in depths:
+                states[depth] = x
+        return [states[d] for d in depths]
 
     def pooled(self, pixel_values):
         """CLIP's pooled image feature (B, D): post_layernorm of the last layer's class token,
@@ -248,16 +281,41 @@ class ViT(nn.Module):
                     names[ours + f"{a}.{p}"] = hub + f"{b}.{p}"
         return names
 
+    def blip_mapping(self, hub: dict, prefix: str) -> dict:
+        """our key -> remap spec for a Blip2VisionModel / InstructBlipVisionModel: the fused qkv
+        weight, its bias fused (transformers' files) or as LAVIS's q_bias and v_bias (a zero k
+        third between them), the output `projection`, and class (1, 1, D) and position
+        (1, N, D) embeddings, flattened to ours."""
+        mapping = {"patch_embed.weight": prefix + "embeddings.patch_embedding.weight",
+                   "patch_embed.bias": prefix + "embeddings.patch_embedding.bias",
+                   "cls_token": (prefix + "embeddings.class_embedding", _flat),
+                   "pos_embed": (prefix + "embeddings.position_embedding", _rows),
+                   "post_layernorm.weight": prefix + "post_layernorm.weight",
+                   "post_layernorm.bias": prefix + "post_layernorm.bias"}
+        pairs = (("attn.proj", "self_attn.projection"), ("ln1", "layer_norm1"),
+                 ("ln2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+        for i in range(self.config.num_hidden_layers):
+            ours, theirs = f"blocks.{i}.", f"{prefix}encoder.layers.{i}."
+            q_v = [theirs + "self_attn.q_bias", theirs + "self_attn.v_bias"]
+            mapping[ours + "attn.qkv.weight"] = theirs + "self_attn.qkv.weight"
+            mapping[ours + "attn.qkv.bias"] = (q_v, _qv_bias) if q_v[0] in hub else theirs + "self_attn.qkv.bias"
+            mapping.update({ours + f"{a}.{p}": theirs + f"{b}.{p}" for a, b in pairs for p in ("weight", "bias")})
+        return mapping
+
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device=None) -> "ViT":
         """A local folder or hub repo id holding config.json + safetensors, in any of:
         - CLIPVisionModel / SiglipVisionModel as transformers 5.x saves them (keys without prefix);
         - the same with the `vision_model.` prefix (hub files, older transformers);
-        - a full CLIPModel / SiglipModel (vision tower under `vision_model.`).
+        - a full CLIPModel / SiglipModel (vision tower under `vision_model.`);
+        - a Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration (or its vision
+          model alone): the EVA tower under `vision_model.`, see blip_mapping.
         Skipped by rule: the text tower and heads (`text_model.*`, `text_projection`,
         `visual_projection`, `logit_scale`, `logit_bias`), SigLIP's attention-pooling head
-        (`head.*`), and `position_ids` buffers. Any other extra, missing or misshaped tensor is a
-        CheckpointError. Returned in eval mode."""
+        (`head.*`), `position_ids` buffers, and in a BLIP-2 / InstructBLIP file the Q-Former, its
+        queries, the LLM and its projection (`qformer.*`, `query_tokens`,
+        `language_projection.*`, `language_model.*`). Any other extra, missing or misshaped
+        tensor is a CheckpointError. Returned in eval mode."""
         folder = resolve_checkpoint(name_or_path)
         config = ViTConfig.from_hf(read_config(folder))
         hub = read_state_dict(folder)
@@ -268,19 +326,25 @@ class ViT(nn.Module):
 
         def skipped(key):
             inner = key.removeprefix(prefix)
+            if config.family == "blip":
+                return key.startswith(BLIP_SKIPPED_PREFIXES)
             return (key.startswith(SKIPPED_PREFIXES) or inner == "embeddings.position_ids"
                     or (config.family == "siglip" and inner.startswith("head.")))
 
-        mapping = {}
-        for ours, hub_key in model.hub_names().items():
-            fused = isinstance(hub_key, list)  # q, k, v -> one (3D, D) tensor
-            mapping[ours] = ([prefix + k for k in hub_key], _cat) if fused else prefix + hub_key
+        if config.family == "blip":
+            mapping = model.blip_mapping(hub, prefix)
+        else:  # a list of hub keys is q, k, v -> one (3D, D) tensor
+            mapping = {ours: ([prefix + k for k in hub_key], _cat) if isinstance(hub_key, list)
+                       else prefix + hub_key for ours, hub_key in model.hub_names().items()}
         load_strict(model, remap(hub, mapping, ignore=skipped, source=str(folder)), source=str(folder))
         return model.to(dtype=dtype).eval()
 
     def save_pretrained(self, folder):
         """config.json + model.safetensors in the hub's CLIPVisionModel / SiglipVisionModel layout
-        (`vision_model.` prefix, separate q/k/v), loadable by from_pretrained and transformers."""
+        (`vision_model.` prefix, separate q/k/v), loadable by from_pretrained and transformers.
+        BLIP towers are only loaded: they never train here."""
+        if self.config.family == "blip":
+            raise ValueError("save_pretrained writes CLIP / SigLIP towers; a BLIP tower is only loaded")
         state, hub = self.state_dict(), {}
         for ours, hub_key in self.hub_names().items():
             if isinstance(hub_key, list):
@@ -296,121 +360,14 @@ def _cat(*tensors):
     return torch.cat(tensors)
 
 
-# ----------------------------------------------------------------- preprocessing
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (as transformers' processors do)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+def _qv_bias(q, v):
+    """LAVIS's separate q and v biases -> the fused (3D,) bias, zeros for k."""
+    return torch.cat([q, torch.zeros_like(q), v])
 
 
-def pad_to_square(image: Image.Image, fill) -> Image.Image:
-    """LLaVA's expand2square: paste the image centred on a square of colour `fill` (an RGB tuple
-    of ints; LLaVA uses the processor's mean colour)."""
-    w, h = image.size
-    if w == h:
-        return image
-    square = Image.new(image.mode, (max(w, h), max(w, h)), tuple(fill))
-    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-    return square
+def _flat(t):
+    return t.flatten()                                                    # (1, 1, D) -> (D,)
 
 
-@dataclass
-class ImageProcessor:
-    """CLIP / SigLIP preprocessing, equal to transformers' CLIPImageProcessor /
-    SiglipImageProcessor (PIL backend). mode "clip": resize the shortest side to `size`
-    (bicubic, long side int(size * long / short)), centre crop `crop_size`; mode "siglip": resize to
-    size x size. Then x / 255 and (x - mean) / std per channel. pad_to_square (LLaVA's
-    image_aspect_ratio="pad") first pads to a square of the mean colour."""
-    size: int = 224
-    crop_size: int = 224
-    resample: int = Image.Resampling.BICUBIC
-    mean: tuple = OPENAI_CLIP_MEAN
-    std: tuple = OPENAI_CLIP_STD
-    mode: str = "clip"
-    pad_to_square: bool = False
-    rescale_factor: float = 1 / 255
-
-    def __post_init__(self):
-        if self.mode not in ("clip", "siglip"):
-            raise ValueError(f"unknown preprocessing mode {self.mode!r}: choose clip or siglip")
-        if self.mode == "clip" and self.crop_size > self.size:
-            raise ValueError(f"crop_size {self.crop_size} larger than the resized short side {self.size}")
-
-    @classmethod
-    def clip(cls, image_size: int, **kw) -> "ImageProcessor":
-        return cls(size=image_size, crop_size=image_size, **kw)
-
-    @classmethod
-    def siglip(cls, image_size: int, **kw) -> "ImageProcessor":
-        return cls(size=image_size, crop_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3,
-                   mode="siglip", **kw)
-
-    @classmethod
-    def from_hf(cls, hf: dict, pad_to_square: bool | None = None) -> "ImageProcessor":
-        """A preprocessor_config.json dict (CLIP: size {"shortest_edge"} or an int, crop_size;
-        SigLIP: size {"height", "width"}). Steps it switches off that we always run are errors."""
-        kind = hf.get("image_processor_type", hf.get("feature_extractor_type", ""))
-        size = hf.get("size", 224)
-        mode = "siglip" if kind.startswith("Siglip") or (isinstance(size, dict) and "height" in size) else "clip"
-        expected = dict(do_resize=True, do_rescale=True, do_normalize=True, do_center_crop=mode == "clip")
-        for flag, value in expected.items():
-            if hf.get(flag, value) != value:
-                raise ValueError(f"unsupported preprocessor config: {flag}={hf[flag]} ({mode} mode)")
-        size = _square_size(size)
-        pad = hf.get("pad_to_square", False) if pad_to_square is None else pad_to_square
-        return cls(size=size, crop_size=_square_size(hf.get("crop_size", size)),
-                   resample=hf.get("resample", Image.Resampling.BICUBIC),
-                   mean=tuple(hf.get("image_mean", OPENAI_CLIP_MEAN)),
-                   std=tuple(hf.get("image_std", OPENAI_CLIP_STD)), mode=mode, pad_to_square=pad,
-                   rescale_factor=hf.get("rescale_factor", 1 / 255))
-
-    def to_hf(self) -> dict:
-        clip = self.mode == "clip"
-        hf = dict(image_processor_type="CLIPImageProcessor" if clip else "SiglipImageProcessor",
-                  do_resize=True, do_center_crop=clip, do_rescale=True, do_normalize=True,
-                  do_convert_rgb=True, resample=int(self.resample), rescale_factor=self.rescale_factor,
-                  image_mean=list(self.mean), image_std=list(self.std), pad_to_square=self.pad_to_square,
-                  size={"shortest_edge": self.size} if clip else {"height": self.size, "width": self.size})
-        if clip:
-            hf["crop_size"] = {"height": self.crop_size, "width": self.crop_size}
-        return hf
-
-    def resize(self, image: Image.Image) -> Image.Image:
-        if self.mode == "siglip":
-            return image.resize((self.size, self.size), resample=self.resample)
-        w, h = image.size
-        short, long = min(w, h), max(w, h)
-        long = int(self.size * long / short)
-        image = image.resize((self.size, long) if w <= h else (long, self.size), resample=self.resample)
-        top, left = (image.height - self.crop_size) // 2, (image.width - self.crop_size) // 2
-        return image.crop((left, top, left + self.crop_size, top + self.crop_size))
-
-    def __call__(self, images: list) -> torch.Tensor:
-        """list of PIL images -> (B, 3, crop, crop) float32."""
-        mean, std = np.array(self.mean, np.float32), np.array(self.std, np.float32)
-        out = []
-        for image in images:
-            image = to_rgb(image)
-            if self.pad_to_square:
-                image = pad_to_square(image, tuple(int(m * 255) for m in self.mean))
-            x = np.asarray(self.resize(image)).astype(np.float64) * self.rescale_factor
-            out.append((x.astype(np.float32) - mean) / std)                # (H, W, 3)
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-
-
-def _square_size(size) -> int:
-    """An int, or a size dict of one square side ({"shortest_edge"} or equal height and width)."""
-    if isinstance(size, int):
-        return size
-    if "shortest_edge" in size:
-        return size["shortest_edge"]
-    if size.get("height") != size.get("width"):
-        raise ValueError(f"only square sizes are supported, got {size}")
-    return size["height"]
+def _rows(t):
+    return t.flatten(0, -2)                                               # (1, N, D) -> (N, D)

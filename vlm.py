@@ -2,9 +2,10 @@
 The multimodal model: a frozen vision tower, a connector, one of the three adapter designs, and
 the frozen decoder LLM. The data flow, top to bottom:
 
-    pixels (B, 3, H, W) --ViT (frozen)--> patch features (B, Np, Dv)
+    pixels (B, 3, H, W) --ViT (frozen)--> layer select_layer's patch features (B, Np, Dv)
       --Projector (pixel shuffle + Linear-GELU-Linear)--> image tokens (B, Ni, d)
-    CROME: Q-Former(patch features, instruction) (B, Q, Hq) --Linear--> (B, Q, d)
+    CROME: Q-Former(the ViT's last layer after its post_layernorm, as BLIP-2's ln_vision; the
+           instruction) (B, Q, Hq) --Linear--> (B, Q, d)
            CROMEAdapter(image tokens, query tokens) -> visual = [image; query] (B, Ni+Q, d)
     IAA, MWA and the baselines (llava, full): visual = image tokens
     input_ids with an image_mask: the visual tokens are spliced in at the placeholder positions
@@ -29,11 +30,12 @@ import torch.nn.functional as F
 
 from adapters import (CROMEAdapter, CROMEConfig, IAAConfig, InnerAdaptor, MWAConfig,
                       add_mwa_to_llm)
+from image_processor import ImageProcessor
 from model import LLM, generate
 from qformer import QFormer
 from text.tokenizer import Tokenizer, load_tokenizer
 from text.wordpiece import VOCAB_FILES, WordPieceTokenizer
-from vit import ImageProcessor, ViT
+from vit import ViT
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
                                 resolve_checkpoint)
 
@@ -68,7 +70,8 @@ def saved_components(design: str, stage: int) -> tuple:
 @dataclass
 class VLMConfig:
     adapter: str = "crome"
-    select_layer: int = -1      # ViT layer fed to the connector (LLaVA/IAA use -2 at scale)
+    select_layer: int = -1      # ViT layer fed to the projector (LLaVA/IAA use -2 at scale); the
+                                # Q-Former always reads the last layer after post_layernorm
     shuffle: int = 2            # pixel shuffle: s x s patches -> one token (1 = LLaVA's plain MLP)
     system_prompt: str = ""     # an explicit empty one: SmolLM2's template would add 18 tokens
     chat_format: str = "auto"   # text.tokenizer's format name; a run records the one it used
@@ -178,14 +181,18 @@ class VLM(nn.Module):
 
     def visual_tokens(self, pixels, instr_ids=None, instr_mask=None):
         """pixels (B, 3, H, W) -> the visual tokens spliced into the LLM input (B, Nv, d)."""
+        crome = self.cfg.adapter == "crome"
+        layers = (self.cfg.select_layer, -1) if crome else (self.cfg.select_layer,)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trains()):
-            feats = self.vision(pixels, select_layer=self.cfg.select_layer)  # (B, Np(+1), Dv)
+            feats, *last = self.vision.hidden_states(pixels, layers)        # (B, Np(+1), Dv)
         patches = feats[:, 1:] if self.vision.config.class_token else feats  # (B, Np, Dv)
         image = self.projector(patches)                                      # (B, Ni, d)
-        if self.cfg.adapter != "crome":
+        if not crome:
             return image
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.qformer_trains()):
-            normed = self.vision.post_layernorm(feats)  # all tokens, as BLIP-2 feeds them
+            # BLIP-2's ln_vision(tower(image)): the last layer through the tower's own final
+            # LayerNorm, all tokens, whatever layer the projector reads
+            normed = self.vision.post_layernorm(last[0])                     # (B, Np(+1), Dv)
             queries = self.qformer(normed, instr_ids, instr_mask)            # (B, Q, Hq)
         image, text = self.adapter(image, self.qformer_proj(queries))
         return torch.cat([image, text], dim=1)                               # (B, Ni+Q, d)

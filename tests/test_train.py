@@ -16,8 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
+from PIL import Image
 from safetensors.torch import load_file
 
+import eval as ev
 import tiny
 import train
 from weights.offline import minilm_folder, smollm2_folder
@@ -27,7 +30,8 @@ from model import LLM
 from qformer import QFormer
 from text.wordpiece import WordPieceTokenizer
 from text.tokenizer import load_tokenizer
-from vit import ImageProcessor, ViT
+from image_processor import ImageProcessor
+from vit import ViT
 from training.config import TrainConfig, needs_offline_towers, resolve
 from weights.checkpoint import CheckpointError
 from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLMConfig, load_run, saved_components
@@ -340,6 +344,53 @@ def test_crome_trains_on_an_instructblip_folder_and_its_qformer_tokenizer(assets
     question = "What colour is the shape, and is it naïve?"
     assert parts.wordpiece.encode(question) == minilm.encode(question)
 
+
+
+def test_crome_on_one_instructblip_repo_as_vision_tower_and_qformer(assets, hub_qformers, tmp_path,
+                                                                    main):
+    """The README's hub example: --vision and --qformer name the same InstructBLIP folder, so the
+    Q-Former reads the EVA tower it was trained on, preprocessed as BlipImageProcessor does;
+    stage 2 trains and eval.py loads and scores the run."""
+    folder = str(hub_qformers["instructblip"])
+    main(flags(assets, tmp_path, 2, "crome", 2, "--vision", folder, "--qformer", folder,
+               "--pixel-shuffle", "2"))   # the tiny tower's 2x2 patch grid
+    run = tmp_path / "crome" / "stage2"
+    check_run_dir(run, "crome", 2, 2)
+    backbones = json.loads((run / "config.json").read_text())["backbones"]
+    assert backbones["vision"] == backbones["qformer"] == folder
+    parts = load_run(run, bf16=False)
+    assert parts.model.vision.config.family == "blip" and parts.processor == ImageProcessor.blip(32)
+    results = ev.main(["--checkpoint", str(run), "--data", str(assets["data"]["vqa_val"]),
+                       "--image-root", str(assets["data"]["image_root"]), "--limit", "3",
+                       "--max-new-tokens", "3", "--out", str(tmp_path / "eval"), "--num-threads", "1"])
+    assert results["metrics"]["n"] == 3
+
+
+def test_the_qformer_reads_exactly_transformers_instructblip_vision_output(assets, hub_qformers,
+                                                                           tmp_path):
+    """Pixels as transformers' InstructBlipProcessor makes them; the Q-Former gets the tower's
+    last layer after its post_layernorm (LAVIS's ln_vision), the projector the select_layer
+    patches, as LLaVA reads them."""
+    folder = hub_qformers["instructblip"]
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--vision", str(folder), "--qformer", str(folder),
+                 "--pixel-shuffle", "1")
+    _, _, job = tiny.job_for(argv)
+    job.model.cfg.select_layer = -2
+    batch = job.batch([0, 1, 2])
+    images = [Image.open(job.samples[i].image).convert("RGB") for i in range(3)]
+    processor = transformers.InstructBlipProcessor.from_pretrained(folder).image_processor
+    assert torch.equal(batch["pixels"], processor(images, return_tensors="pt").pixel_values)
+    seen = {}
+    for name in ("qformer", "projector"):
+        getattr(job.model, name).register_forward_pre_hook(
+            lambda module, args, name=name: seen.setdefault(name, args[0]))
+    ref = transformers.InstructBlipForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        job.model(batch)
+        out = ref.vision_model(pixel_values=batch["pixels"], output_hidden_states=True)
+    assert (seen["qformer"] - out.last_hidden_state).abs().max() <= 1e-5
+    assert (seen["projector"] - out.hidden_states[-2][:, 1:]).abs().max() <= 1e-5
+    assert not torch.allclose(out.hidden_states[-2], out.hidden_states[-1], atol=1e-2)
 
 def test_a_blip2_qformer_with_a_text_way_needs_qformer_tokenizer(assets, hub_qformers, tmp_path):
     argv = flags(assets, tmp_path, 2, "crome", 1, "--qformer", str(hub_qformers["blip2_text"]))

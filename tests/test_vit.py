@@ -1,4 +1,4 @@
-"""vit.py against transformers (test-only reference): CLIP / SigLIP vision towers in every
+"""vit.py against transformers (test-only reference): CLIP / SigLIP / BLIP-2 vision towers in every
 checkpoint layout, position-embedding interpolation, strict loading, save_pretrained, and the
 image preprocessing on real photos."""
 import json
@@ -11,8 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from skimage import data as skdata
 
+import tiny
 from weights.checkpoint import CheckpointError
-from vit import ImageProcessor, ViT, ViTConfig, pad_to_square
+from image_processor import ImageProcessor, pad_to_square
+from vit import ViT, ViTConfig
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             image_size=32, patch_size=8)
@@ -173,6 +175,76 @@ def test_truncated_safetensors_is_named(clip_folder, tmp_path):
         ViT.from_pretrained(tmp_path)
 
 
+
+# ----------------------------------------------------------------- BLIP-2 / InstructBLIP towers
+
+BLIP = {"blip2": (lambda f: tiny.write_blip2(f, text_way=False), transformers.Blip2ForConditionalGeneration),
+        "instructblip": (tiny.write_instructblip, transformers.InstructBlipForConditionalGeneration)}
+
+
+@pytest.fixture(scope="module", params=sorted(BLIP))
+def blip(request, tmp_path_factory):
+    """(folder, transformers' vision_model) of a tiny BLIP-2 / InstructBLIP that transformers wrote."""
+    write, model_cls = BLIP[request.param]
+    folder = write(tmp_path_factory.mktemp(request.param))
+    return folder, model_cls.from_pretrained(folder).vision_model.eval()
+
+
+def test_blip_vision_tower_matches_transformers(blip):
+    folder, ref = blip
+    ours = ViT.from_pretrained(folder)
+    c = ours.config
+    assert (c.family, c.class_token, c.pre_norm, c.hidden_act, c.layer_norm_eps) == ("blip", True, False, "gelu", 1e-6)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = ref(pixel_values=x, output_hidden_states=True)
+        for layer in (-1, -2, 0):
+            assert max_diff(ours(x, select_layer=layer), out.hidden_states[layer]) <= 1e-5, layer
+        assert max_diff(ours.post_layernorm(ours(x)), out.last_hidden_state) <= 1e-5  # LAVIS's ln_vision
+        below, last = ours.hidden_states(x, (-2, -1))
+        assert torch.equal(below, ours(x, select_layer=-2)) and torch.equal(last, ours(x))
+
+
+def test_blip_qkv_bias_as_lavis_q_and_v_biases(blip, tmp_path):
+    """LAVIS's separate q_bias / v_bias load as the fused bias with zeros for k."""
+    folder, _ = blip
+
+    def split(state):
+        for key in [k for k in state if k.endswith("self_attn.qkv.bias")]:
+            q, k, v = state.pop(key).chunk(3)
+            assert not k.any()
+            state[key.replace("qkv.bias", "q_bias")], state[key.replace("qkv.bias", "v_bias")] = q, v
+
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ViT.from_pretrained(rewrite(folder, tmp_path, split))(x), ViT.from_pretrained(folder)(x))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("vision_model.encoder.layers.1.self_attn.projection.bias"),
+     r"missing tensors: vision_model\.encoder\.layers\.1\.self_attn\.projection\.bias"),
+    (lambda s: s.update({"vision_model.encoder.layers.0.self_attn.k_bias": torch.zeros(32)}),
+     r"unexpected tensors: vision_model\.encoder\.layers\.0\.self_attn\.k_bias"),
+    (lambda s: s.update({"vision_model.embeddings.position_embedding": torch.zeros(1, 4, 32)}),
+     r"pos_embed \(4, 32\) \(expected \(5, 32\)\)"),
+])
+def test_blip_loading_is_strict(blip, tmp_path, edit, message):
+    """Only the file's other components (qformer, query_tokens, language_projection,
+    language_model) are skipped; anything else wrong in the tower is named."""
+    folder, _ = blip
+    with pytest.raises(CheckpointError, match=message):
+        ViT.from_pretrained(rewrite(folder, tmp_path, edit))
+
+
+def test_blip_configs_and_what_is_refused(blip):
+    config = ViT.from_pretrained(blip[0]).config
+    assert ViTConfig.from_hf(config.to_hf()) == config
+    assert ViTConfig.from_hf({"model_type": "instructblip", "vision_config": {}}).hidden_size == 1408
+    with pytest.raises(CheckpointError, match="qkv_bias"):
+        ViTConfig.from_hf({"model_type": "blip_2_vision_model", "qkv_bias": False})
+    with pytest.raises(ValueError, match="only loaded"):
+        ViT(config).save_pretrained(blip[0])
+
 # ----------------------------------------------------------------- configs and save_pretrained
 
 def test_config_family_defaults_and_hub_dicts():
@@ -235,6 +307,18 @@ def test_siglip_preprocessing_matches_transformers(size):
     assert ours == ImageProcessor.siglip(size)
     assert max_diff(ours(images()), ref(images(), return_tensors="pt").pixel_values) <= 1e-5
 
+
+
+@pytest.mark.parametrize("size", [224, 37])
+def test_blip_preprocessing_matches_transformers(size):
+    """BLIP-2 / InstructBLIP: resize to size x size, bicubic, OpenAI CLIP's mean and std, no crop."""
+    ref = transformers.BlipImageProcessorPil(size={"height": size, "width": size})
+    ours = ImageProcessor.from_hf(ref.to_dict())
+    assert ours == ImageProcessor.blip(size) and ours.to_hf()["image_processor_type"] == "BlipImageProcessor"
+    assert ImageProcessor.from_hf(ours.to_hf()) == ours
+    got = ours(images())
+    assert got.shape == (5, 3, size, size)
+    assert max_diff(got, ref(images(), return_tensors="pt").pixel_values) <= 1e-5
 
 def test_hub_style_preprocessor_configs():
     old_clip = {"crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,

@@ -4,9 +4,10 @@ can run train.py end to end in seconds.
     llm = write_llm(tmp / "llm")              # LlamaForCausalLM (transformers) + SmolLM2's tokenizer
     vision = write_vision(tmp / "vision")     # CLIP-layout ViT + preprocessor_config.json
     qformer = write_qformer(tmp / "qformer")  # BLIP-2-layout Q-Former + MiniLM's vocab.txt
-    write_instructblip(tmp / "ib")            # the hub's Q-Former layouts, written by transformers:
-    write_blip2(tmp / "b2", text_way=False)   #   InstructBLIP (+ qformer_tokenizer/), BLIP-2
-    write_bert(tmp / "bert")                  #   (no vocabulary), BERT (+ vocab.txt)
+    write_instructblip(tmp / "ib")            # the hub's layouts, written by transformers: InstructBLIP
+    write_blip2(tmp / "b2", text_way=False)   #   (+ qformer_tokenizer/, preprocessor_config.json; its
+    write_bert(tmp / "bert")                  #   vision tower loads as --vision), BLIP-2 (no Q-Former
+                                              #   vocabulary), BERT (+ vocab.txt)
     files = easyvqa_slices(tmp / "data", n=48)  # {"captions_train": path, ..., "image_root": root}
 
 The LLM keeps SmolLM2's vocabulary (49152) so the real tokenizer works on it. It has 17 layers
@@ -26,7 +27,8 @@ from qformer import QFormer, QFormerConfig
 from training.config import parse_args, resolve
 from training.runtime import Env
 from training.stages import build_job
-from vit import ImageProcessor, ViT, ViTConfig
+from image_processor import ImageProcessor
+from vit import ViT, ViTConfig
 
 LLM_LAYERS = 17
 VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -73,7 +75,7 @@ def write_qformer(folder, seed=0) -> Path:
 # The hub's Q-Former layouts, written by transformers, at the tiny ViT's width (or another).
 HUB_QFORMER = dict(vocab_size=30522, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                    max_position_embeddings=64, num_hidden_layers=2)
-HUB_VISION = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+HUB_VISION = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                   patch_size=16)
 OPT = dict(model_type="opt", vocab_size=120, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
            num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64,
@@ -91,8 +93,12 @@ def write_instructblip(folder, vision_width=VIT["hidden_size"], seed=0) -> Path:
     torch.manual_seed(seed)
     config = InstructBlipConfig(vision_config=dict(HUB_VISION, hidden_size=vision_width),
                                 text_config=OPT, qformer_config=HUB_QFORMER, num_query_tokens=4)
-    InstructBlipForConditionalGeneration(config).save_pretrained(folder)
-    InstructBlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+    model = InstructBlipForConditionalGeneration(config)
+    randomize(model.vision_model)
+    model.save_pretrained(folder)
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)   # preprocessor_config.json, as hub repos have it
+    InstructBlipProcessor(image_processor=processor,
                           tokenizer=AutoTokenizer.from_pretrained(str(smollm2_folder())),
                           qformer_tokenizer=BertTokenizer(str(minilm_folder() / "vocab.txt")),
                           num_query_tokens=4).save_pretrained(folder)
@@ -109,9 +115,21 @@ def write_blip2(folder, text_way: bool, seed=0) -> Path:
     config = Blip2Config(vision_config=dict(HUB_VISION, hidden_size=VIT["hidden_size"]),
                          text_config=OPT, num_query_tokens=4,
                          qformer_config=dict(HUB_QFORMER, use_qformer_text_input=text_way))
-    model = Blip2ForImageTextRetrieval if text_way else Blip2ForConditionalGeneration
-    model(config).save_pretrained(folder)
+    model = (Blip2ForImageTextRetrieval if text_way else Blip2ForConditionalGeneration)(config)
+    randomize(model.vision_model)
+    model.save_pretrained(folder)
     return folder
+
+
+def randomize(module, std=0.2):
+    """Every weight drawn anew (transformers initialises biases to zero, LayerNorms to 1 and
+    BLIP's embeddings at std 1e-10, where a misplaced tensor would go unseen), except the key
+    third of BLIP's fused qkv bias, which stays zero as in the hub's files."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.normal_(0, std)
+            if name.endswith("self_attn.qkv.bias"):
+                p.view(3, -1)[1] = 0
 
 
 def write_bert(folder, seed=0) -> Path:
