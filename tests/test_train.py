@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import tiny
@@ -725,3 +726,56 @@ def test_stage2_on_easyvqa_validates_on_balanced_yes_no_too(assets, tmp_path, ma
     cfg, env, job = tiny.job_for(argv)
     result = job.validate()
     assert result["n"] == 4 and 0.0 <= result["yesno_balanced_accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- paper-scale flags
+
+
+def visual_feature_check(job):
+    """The projector reads the ViT layer the config names: with CROME's fresh adapter (its
+    shared up-projection is zero, so it starts as the identity) the image tokens are exactly
+    projector(vision(pixels, select_layer)) without the class token."""
+    model, batch = job.model, job.batch([0])
+    with torch.no_grad():
+        visual = model.visual_tokens(batch["pixels"], batch["instr_ids"], batch["instr_mask"])
+        feats = model.vision(batch["pixels"], select_layer=model.cfg.select_layer)[:, 1:]
+        assert torch.equal(visual[:, :model.n_image_tokens], model.projector(feats))
+    return batch
+
+
+def test_paper_scale_flags_reach_the_model_and_reload_with_it(assets, tmp_path, main):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--select-layer", "-2", "--pad-to-square",
+                 "--max-instruction-len", "6", "--lr-adapter", "5e-4", "--max-len", "200")
+    cfg, _, job = tiny.job_for(argv)
+    assert (cfg.select_layer, cfg.pad_to_square, cfg.max_instruction_len, cfg.max_len) == \
+        (-2, True, 6, 200)
+    assert job.model.cfg.select_layer == -2 and job.parts.processor.pad_to_square
+    assert visual_feature_check(job)["instr_ids"].shape[1] == 6   # questions are longer
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))                # padded with the mean colour
+    assert job.parts.processor([wide])[0, :, 0, 0].abs().max() < 0.02
+    assert {name: lr for name, (_, lr) in job.param_groups.items()} == \
+        {"projector": LR, "qformer": cfg.lr_qformer, "qformer_proj": LR, "adapter": 5e-4}
+    main(argv)
+    run = tmp_path / "crome" / "stage2"
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["vlm"]["select_layer"], saved["vlm"]["pad_to_square"],
+            saved["vlm"]["max_instruction_len"], saved["train"]["lr_adapter"]) == (-2, True, 6, 5e-4)
+    parts = load_run(run, bf16=False)
+    assert (parts.model.cfg.select_layer, parts.model.cfg.max_instruction_len) == (-2, 6)
+    assert parts.processor.pad_to_square is True
+
+
+def test_paper_scale_flags_default_to_the_offline_setting(assets, tmp_path):
+    """Unset, nothing changes: layer -1, 32 instruction tokens, --lr for the adapter, and the
+    padding the vision folder's preprocessor_config asks for (recorded as found); a run
+    directory written before pad_to_square existed reads it as unset."""
+    cfg, _, job = tiny.job_for(flags(assets, tmp_path, 2, "crome", 1))
+    assert (cfg.select_layer, cfg.max_instruction_len, cfg.lr_adapter, cfg.pad_to_square) == \
+        (-1, 32, LR, None)
+    assert job.config["vlm"]["pad_to_square"] is False and job.param_groups["adapter"][1] == LR
+    visual_feature_check(job)
+    old = VLMConfig().to_dict()
+    del old["pad_to_square"]
+    assert VLMConfig.from_dict(old).pad_to_square is None
+    assert train.parse_args(["--no-pad-to-square"]).pad_to_square is False
+

