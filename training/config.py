@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from text.tokenizer import CHAT_FORMATS
+from training.presets import PRESETS, preset, presets_help
 from vlm import ADAPTERS
 from weights.checkpoint import CheckpointError
 
@@ -25,6 +26,9 @@ def flag(default, help: str, choices=None):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    preset: str = flag("", f"a named paper-scale setting ({', '.join(PRESETS)}): backbones, "
+                           "feature layer, image tokens, lengths, learning rates, steps and "
+                           "batch sizes at once; flags given override its values")
     stage: int = flag(2, "0 offline vision pretraining, 1 captions, 2 VQA instructions, "
                          "3 task fine-tuning (multiple choice)", [0, 1, 2, 3])
     task: str = flag("vqa", "vqa (stages 0-3) or retrieval (MWA's paper setting; --stage does "
@@ -110,9 +114,16 @@ RETRIEVAL_ADAPTERS = ("mwa", "full")
 STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
 
 
+# --preset and --stage alone, read first: the preset's values depend on the stage.
+PRESET_PARSER = argparse.ArgumentParser(add_help=False)
+PRESET_PARSER.add_argument("--preset", default="")
+PRESET_PARSER.add_argument("--stage", type=int, default=TrainConfig.stage)
+
+
 def parse_args(argv=None, description: str = "") -> TrainConfig:
-    """The command line -> TrainConfig (not yet resolved). Bad combinations stop here."""
-    p = argparse.ArgumentParser(description=description,
+    """The command line -> TrainConfig (not yet resolved). A --preset's values become the
+    flags' defaults for this --stage, so flags given override them. Bad combinations stop here."""
+    p = argparse.ArgumentParser(description=description, epilog=presets_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         name, info = "--" + f.name.replace("_", "-"), f.metadata
@@ -123,6 +134,12 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(name, type=kind, default=f.default, choices=info["choices"],
                            help=info["help"] + " (default: %(default)s)")
+    chosen, _ = PRESET_PARSER.parse_known_args(argv)
+    if chosen.preset:
+        try:
+            p.set_defaults(**preset(chosen.preset).values(chosen.stage))
+        except ValueError as e:
+            p.error(f"--preset: {e}")
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.batch_size < 0 or cfg.steps < 0 or cfg.grad_accum < 1:
         p.error("--batch-size and --steps must be >= 0 (0 = the stage's default), --grad-accum >= 1")
