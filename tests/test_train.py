@@ -799,6 +799,7 @@ def test_every_preset_resolves_without_the_network(name, stage):
     assert cfg.preset == name and cfg.lr_adapter > 0
     assert cfg.max_len >= chosen.image_tokens.value + 1024
     assert not needs_offline_towers(cfg)
+    assert f"`{name}`" in (ROOT / "README.md").read_text()   # the preset table names it
 
 
 def test_flags_given_override_a_preset_and_the_stage_picks_its_values():
