@@ -75,7 +75,8 @@ class VLMConfig:
     shuffle: int = 2            # pixel shuffle: s x s patches -> one token (1 = LLaVA's plain MLP)
     system_prompt: str = ""     # an explicit empty one: SmolLM2's template would add 18 tokens
     chat_format: str = "auto"   # text.tokenizer's format name; a run records the one it used
-    max_instruction_len: int = 32   # Q-Former instruction tokens (CROME)
+    max_instruction_len: int = 32   # Q-Former instruction tokens (CROME; InstructBLIP: 128)
+    pad_to_square: bool | None = None   # LLaVA's expand2square; None = the preprocessor_config's
     crome: CROMEConfig = field(default_factory=CROMEConfig)
     iaa: IAAConfig = field(default_factory=IAAConfig)
     mwa: MWAConfig = field(default_factory=MWAConfig)
@@ -274,7 +275,8 @@ def build_vlm(vcfg: VLMConfig, llm: str, vision: str, qformer: str | None, bf16:
     for name in set(saved_components(vcfg.adapter, 3)) - {"qformer"}:
         getattr(vlm, name).float()
     processor_folder = resolve_checkpoint(vision, ("preprocessor_config.json",))
-    processor = ImageProcessor.from_hf(read_config(processor_folder, "preprocessor_config.json"))
+    processor = ImageProcessor.from_hf(read_config(processor_folder, "preprocessor_config.json"),
+                                       pad_to_square=vcfg.pad_to_square)
     return Parts(vlm.to(device), load_tokenizer(llm, vcfg.chat_format),
                  instruction_wordpiece(qformer_model, qformer, qformer_tokenizer), processor)
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("data.",),                                        # conversations, batches, easy-vqa
     ("evaluation.",),                                  # scoring, answering
     ("eval",),
-    ("training.",),                                    # config, runtime, stages, checkpoints
+    ("training.",),                                    # config, presets, runtime, stages, checkpoints
     ("train",),
     ("tools.",),
 ]

@@ -33,6 +33,7 @@ from text.tokenizer import load_tokenizer
 from image_processor import ImageProcessor
 from vit import ViT
 from training.config import TrainConfig, needs_offline_towers, resolve
+from training.presets import PRESETS
 from weights.checkpoint import CheckpointError
 from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLMConfig, load_run, saved_components
 
@@ -776,3 +777,125 @@ def test_stage2_on_easyvqa_validates_on_balanced_yes_no_too(assets, tmp_path, ma
     cfg, env, job = tiny.job_for(argv)
     result = job.validate()
     assert result["n"] == 4 and 0.0 <= result["yesno_balanced_accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- paper-scale flags
+
+
+def visual_feature_check(job):
+    """The projector reads the ViT layer the config names: with CROME's fresh adapter (its
+    shared up-projection is zero, so it starts as the identity) the image tokens are exactly
+    projector(vision(pixels, select_layer)) without the class token."""
+    model, batch = job.model, job.batch([0])
+    with torch.no_grad():
+        visual = model.visual_tokens(batch["pixels"], batch["instr_ids"], batch["instr_mask"])
+        feats = model.vision(batch["pixels"], select_layer=model.cfg.select_layer)[:, 1:]
+        assert torch.equal(visual[:, :model.n_image_tokens], model.projector(feats))
+    return batch
+
+
+def test_paper_scale_flags_reach_the_model_and_reload_with_it(assets, tmp_path, main):
+    argv = flags(assets, tmp_path, 2, "crome", 1, "--select-layer", "-2", "--pad-to-square",
+                 "--max-instruction-len", "6", "--lr-adapter", "5e-4", "--max-len", "200")
+    cfg, _, job = tiny.job_for(argv)
+    assert (cfg.select_layer, cfg.pad_to_square, cfg.max_instruction_len, cfg.max_len) == \
+        (-2, True, 6, 200)
+    assert job.model.cfg.select_layer == -2 and job.parts.processor.pad_to_square
+    assert visual_feature_check(job)["instr_ids"].shape[1] == 6   # questions are longer
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))                # padded with the mean colour
+    assert job.parts.processor([wide])[0, :, 0, 0].abs().max() < 0.02
+    assert {name: lr for name, (_, lr) in job.param_groups.items()} == \
+        {"projector": LR, "qformer": cfg.lr_qformer, "qformer_proj": LR, "adapter": 5e-4}
+    main(argv)
+    run = tmp_path / "crome" / "stage2"
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["vlm"]["select_layer"], saved["vlm"]["pad_to_square"],
+            saved["vlm"]["max_instruction_len"], saved["train"]["lr_adapter"]) == (-2, True, 6, 5e-4)
+    parts = load_run(run, bf16=False)
+    assert (parts.model.cfg.select_layer, parts.model.cfg.max_instruction_len) == (-2, 6)
+    assert parts.processor.pad_to_square is True
+
+
+def test_paper_scale_flags_default_to_the_offline_setting(assets, tmp_path):
+    """Unset, nothing changes: layer -1, 32 instruction tokens, --lr for the adapter, and the
+    padding the vision folder's preprocessor_config asks for (recorded as found); a run
+    directory written before pad_to_square existed reads it as unset."""
+    cfg, _, job = tiny.job_for(flags(assets, tmp_path, 2, "crome", 1))
+    assert (cfg.select_layer, cfg.max_instruction_len, cfg.lr_adapter, cfg.pad_to_square) == \
+        (-1, 32, LR, None)
+    assert job.config["vlm"]["pad_to_square"] is False and job.param_groups["adapter"][1] == LR
+    visual_feature_check(job)
+    old = VLMConfig().to_dict()
+    del old["pad_to_square"]
+    assert VLMConfig.from_dict(old).pad_to_square is None
+    assert train.parse_args(["--no-pad-to-square"]).pad_to_square is False
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_preset_resolves_without_the_network(name, stage):
+    """Config resolution only (no download): every value is a flag's, has a source, and lands
+    in the config; the examples fit the image tokens with room for text; hub backbones need no
+    stage 0."""
+    cfg = resolve(train.parse_args(["--preset", name, "--stage", str(stage), "--device", "cpu"]))
+    chosen = PRESETS[name]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(chosen.values(stage)) <= names
+    assert all(chosen.sources(stage).values())
+    assert {k: getattr(cfg, k) for k in chosen.values(stage)} == chosen.values(stage)
+    assert cfg.preset == name and cfg.lr_adapter > 0
+    assert cfg.max_len >= chosen.image_tokens.value + 1024
+    assert not needs_offline_towers(cfg)
+    assert f"`{name}`" in (ROOT / "README.md").read_text()   # the preset table names it
+
+
+def test_flags_given_override_a_preset_and_the_stage_picks_its_values():
+    argv = ["--preset", "llava15-7b", "--lr", "5e-4", "--no-pad-to-square", "--select-layer", "-1"]
+    cfg = train.parse_args(argv + ["--stage", "1"])
+    assert (cfg.lr, cfg.pad_to_square, cfg.select_layer) == (5e-4, False, -1)
+    assert (cfg.adapter, cfg.max_len, cfg.batch_size, cfg.steps) == ("full", 2048, 32, 2180)
+    stage2 = train.parse_args(["--stage", "2"] + argv)          # flag order does not matter
+    assert (stage2.lr, stage2.lr_llm, stage2.batch_size) == (5e-4, 2e-5, 16)
+    assert train.parse_args(["--preset", "llava15-7b", "--stage", "2"]).lr == 2e-5
+
+
+def test_an_unknown_preset_names_the_known_ones_and_help_lists_them(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--preset", "llava15"])
+    assert exit_info.value.code == 2
+    assert f"unknown preset 'llava15'; known: {', '.join(PRESETS)}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "llava15-7b", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text.split("presets (--preset NAME", 1)[1] for name in PRESETS)
+    assert "(default: lmsys/vicuna-7b-v1.5)" in " ".join(text.split())   # the preset's values
+
+
+@pytest.mark.parametrize("name", ["crome-vicuna7b", "iaa8-llama3-8b"])
+def test_a_preset_on_tiny_backbones_reaches_the_model(assets, tmp_path, main, name):
+    """The preset with its backbones, data and schedule overridden by tiny stand-ins: its
+    paper-scale knobs reach the model, the processor and the optimizer, and load_run rebuilds
+    them. (SmolLM2's tokenizer stands in for the LLM's, so its own chat format.)"""
+    argv = ["--preset", name, *flags(assets, tmp_path, 2, PRESETS[name].values(2)["adapter"], 1,
+                                     "--chat-format", "auto")]
+    cfg, _, job = tiny.job_for(argv)
+    model = job.model
+    assert (model.cfg.select_layer, model.cfg.shuffle, cfg.max_len, cfg.weight_decay) == \
+        (-2, 1, 2048, 0.0)
+    assert job.parts.processor.pad_to_square
+    assert model.n_image_tokens == (tiny.VIT["image_size"] // tiny.VIT["patch_size"]) ** 2
+    lrs = {name: lr for name, (_, lr) in job.param_groups.items()}
+    assert lrs["adapter"] == 2e-5 and lrs["projector"] == LR   # preset's; --lr given
+    if name.startswith("crome"):
+        assert model.cfg.max_instruction_len == 128 and lrs["qformer"] == 2e-5
+        visual_feature_check(job)
+        main(argv)
+        parts = load_run(tmp_path / "crome" / "stage2", bf16=False)
+        assert (parts.model.cfg.select_layer, parts.model.cfg.shuffle,
+                parts.model.cfg.max_instruction_len, parts.processor.pad_to_square) == \
+            (-2, 1, 128, True)
+    else:
+        assert len(model.adapter.layers) == 8

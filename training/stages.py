@@ -210,9 +210,13 @@ def vlm_job(cfg, env) -> Job:
     from the previous stage's weights; what trains per design and stage is vlm.TRAINABLE."""
     sources = backbones(cfg)
     vcfg = VLMConfig(adapter=cfg.adapter, shuffle=cfg.pixel_shuffle, chat_format=cfg.chat_format,
+                     select_layer=cfg.select_layer, max_instruction_len=cfg.max_instruction_len,
+                     pad_to_square=cfg.pad_to_square,
                      iaa=IAAConfig(n_insert=cfg.iaa_layers, init=cfg.iaa_init))
     parts = build_vlm(vcfg, **sources, bf16=cfg.dtype == "bf16", device=env.device)
-    vcfg = replace(vcfg, chat_format=parts.tok.chat_format)   # "auto" recorded as what it found
+    # "auto" and "unset" recorded as what they found, so load_run rebuilds the same model
+    vcfg = replace(vcfg, chat_format=parts.tok.chat_format,
+                   pad_to_square=parts.processor.pad_to_square)
     model = parts.model
     init_from_previous_stage(model, cfg, env)
     model.set_stage(cfg.stage)
@@ -230,7 +234,7 @@ def vlm_job(cfg, env) -> Job:
         batch = {k: v.to(env.device) for k, v in batch.items()}
         return batch | {"tokens": int(batch["input_ids"].numel())}
 
-    lrs = {"qformer": cfg.lr_qformer, "llm": cfg.lr_llm}
+    lrs = {"qformer": cfg.lr_qformer, "llm": cfg.lr_llm, "adapter": cfg.lr_adapter}
     groups = {name: (list(getattr(model, name).parameters()), lrs.get(name, cfg.lr))
               for name in TRAINABLE[cfg.adapter][cfg.stage]}
     return Job(model, samples, collate, groups, partial(answer_accuracy, parts, val, balanced, cfg),
@@ -286,9 +290,10 @@ def retrieval_job(cfg, env) -> Job:
     way), fine-tuned on easy-vqa's complete captions in one of two ways:
       mwa   everything frozen; the NKE adapters beside each way's FFN in every Q-Former layer
             and the shared Alignment Enhancer (adapters.add_mwa_to_qformer, MWAConfig defaults)
-            train at --lr. The projection heads and the temperature stay frozen too, so the
-            trainable fraction is the MWA modules' alone (ours: the paper trains only the new
-            modules on BEiT-3; here stage 0 already trained the heads for this very task).
+            train at --lr-adapter (= --lr unless given). The projection heads and the
+            temperature stay frozen too, so the trainable fraction is the MWA modules' alone
+            (ours: the paper trains only the new modules on BEiT-3; here stage 0 already
+            trained the heads for this very task).
       full  the full fine-tuning baseline: ViT, the whole Q-Former (both ways, embeddings
             included), projections and temperature, all pretrained, at --lr-qformer.
     Both encode the captions' token ids through the text way every step (it trains in both).
@@ -314,7 +319,8 @@ def retrieval_job(cfg, env) -> Job:
                 "tokens": len(rows) * image_tokens(model) + int(mask.sum())}
 
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = {"adapter": (params, cfg.lr)} if mwa else {"encoder": (params, cfg.lr_qformer)}
+    groups = {"adapter": (params, cfg.lr_adapter)} if mwa else \
+        {"encoder": (params, cfg.lr_qformer)}
     validate = (lambda: evaluate_retrieval(model, wordpiece, pixels, val)[0]) if val else dict
     return Job(model, samples, collate, groups, validate, trainable_keys(model),
                {"retrieval": retrieval_config(stage0, mwa)})
