@@ -32,7 +32,7 @@ from text.wordpiece import WordPieceTokenizer
 from text.tokenizer import load_tokenizer
 from image_processor import ImageProcessor
 from vit import ViT
-from training.config import TrainConfig, needs_offline_towers, resolve
+from training.config import TrainConfig, needs_offline_towers, parse_args, resolve, stage0_config
 from training.presets import PRESETS
 from weights.checkpoint import CheckpointError
 from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLMConfig, load_run, saved_components
@@ -214,6 +214,22 @@ def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
     assert [r["val"]["n"] for r in rows if "val" in r] == [8]
     assert [set(r["val"]) for r in rows if "val" in r] == [
         {"caption_top1_queries", "caption_top1_class_token", "itm_accuracy", "n"}]
+
+
+def test_stage0_without_itm_is_contrastive_only(assets, tmp_path):
+    """--no-itm: no matching head, no statements in the batch, no itm_accuracy (the stage 0
+    before ITM); the flag reaches the stage 0 a stage-2 run trains first."""
+    data = assets["data"]
+    argv = ["--stage", "0", "--steps", "1", "--batch-size", "4", "--val-samples", "4",
+            "--out-dir", str(tmp_path), "--num-threads", "1", "--no-itm",
+            "--data", str(data["captions_train"]), "--val-data", str(data["captions_val"]),
+            "--image-root", str(data["image_root"])]
+    cfg, env, job = tiny.job_for(argv)
+    assert job.model.itm_head is None
+    assert not {"itm_ids", "itm_mask", "itm_labels"} & set(job.batch([0, 1]))
+    assert set(job.validate()) == {"caption_top1_queries", "caption_top1_class_token", "n"}
+    assert not stage0_config(resolve(parse_args(["--stage", "2", "--no-itm"]))).itm
+    assert stage0_config(resolve(parse_args(["--stage", "2"]))).itm
 
 
 # ----------------------------------------------------------------------------- resume

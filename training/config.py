@@ -81,6 +81,8 @@ class TrainConfig:
     lr_qformer: float = flag(1e-4, "learning rate of a pretrained Q-Former (CROME stage 2; "
                                    "retrieval --adapter full)")
     lr_vision: float = flag(1e-3, "stage 0: learning rate of the ViT trained from scratch")
+    itm: bool = flag(True, "stage 0: add BLIP-2's image-text matching to its contrastive loss "
+                           "(--no-itm: contrastive only, the default before ITM)")
     lr_llm: float = flag(2e-5, "--adapter full: learning rate of the unfrozen LLM (LLaVA-1.5's)")
     weight_decay: float = flag(0.01, "AdamW weight decay, on tensors of 2 or more dimensions")
     warmup: float = flag(0.03, "linear warmup, as a fraction of the steps")
@@ -111,7 +113,8 @@ STAGE_DEFAULTS = {0: dict(steps=1500, batch_size=32), 1: dict(steps=150, batch_s
 RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the training captions
 RETRIEVAL_ADAPTERS = ("mwa", "full")
 # What a stage-0 run started on the way to another run takes over from that run's flags.
-STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
+STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample",
+                   "itm")
 
 
 # --preset and --stage alone, read first: the preset's values depend on the stage.

@@ -126,7 +126,7 @@ def stage0_job(cfg, env) -> Job:
     samples = complete_captions(load_samples(train_file, root, cfg, env))
     val = complete_captions(load_val(val_file, root, cfg))
     model, processor, wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True,
-                                                       itm=True)
+                                                       itm=cfg.itm)
     model = stage0_trainable_(model).to(env.device)
     pixels, dev = ImageCache(processor), env.device
     captions = sorted({caption(s) for s in samples + val})   # the candidates: every caption
@@ -136,7 +136,10 @@ def stage0_job(cfg, env) -> Job:
 
     def statements(rows) -> dict:
         """One matching statement per row, drawn from a generator seeded by the rows' ids (the
-        same rows give the same statements, so a resumed run repeats them exactly)."""
+        same rows give the same statements, so a resumed run repeats them exactly); none
+        without ITM."""
+        if model.itm_head is None:
+            return {}
         rng = random.Random(",".join(s.id for s in rows))
         texts, truth = zip(*(matching_statement(caption(s), rng) for s in rows))
         ids, mask = wordpiece(list(texts), max_length=CAPTION_TOKENS)          # (B, T)
@@ -147,7 +150,8 @@ def stage0_job(cfg, env) -> Job:
         caption_ids = torch.tensor([captions.index(caption(s)) for s in rows], device=dev)
         batch = {"pixels": pixels([s.image for s in rows]).to(dev), "caption_ids": caption_ids,
                  "text_pooled": text_pooled[caption_ids]} | statements(rows)
-        return batch | {"tokens": len(rows) * image_tokens(model) + int(batch["itm_mask"].sum())}
+        statement_tokens = int(batch["itm_mask"].sum()) if "itm_mask" in batch else 0
+        return batch | {"tokens": len(rows) * image_tokens(model) + statement_tokens}
 
     def export(out: Path):
         model.vision.save_pretrained(out / "vision")
@@ -168,9 +172,9 @@ def stage0_job(cfg, env) -> Job:
 def stage0_metrics(model, pixels, val, captions, text_pooled, statements) -> dict:
     """Image -> caption retrieval among all distinct captions: top-1 accuracy, through the
     Q-Former's queries (what CROME uses) and the ViT's class token; and the accuracy of
-    image-text matching on one statement per image (half of them true)."""
+    image-text matching on one statement per image (half of them true), with ITM."""
     dev, text = text_pooled.device, model.text_features(text_pooled)
-    hits = {"queries": 0, "class_token": 0, "itm": 0}
+    hits = {"queries": 0, "class_token": 0} | ({"itm": 0} if model.itm_head is not None else {})
     for i in range(0, len(val), 64):
         chunk = val[i:i + 64]
         hidden = model.vision_hidden(pixels([s.image for s in chunk]).to(dev))
@@ -178,9 +182,10 @@ def stage0_metrics(model, pixels, val, captions, text_pooled, statements) -> dic
         truth = torch.tensor([captions.index(caption(s)) for s in chunk], device=dev)
         hits["queries"] += int((model.similarity(queries, text).argmax(-1) == truth).sum())
         hits["class_token"] += int(((cls @ text.t()).argmax(-1) == truth).sum())
-        pairs = statements(chunk)
-        matched = model.match_logits(hidden, pairs["itm_ids"], pairs["itm_mask"]).argmax(-1)
-        hits["itm"] += int((matched == pairs["itm_labels"]).sum())
+        if "itm" in hits:
+            pairs = statements(chunk)
+            matched = model.match_logits(hidden, pairs["itm_ids"], pairs["itm_mask"]).argmax(-1)
+            hits["itm"] += int((matched == pairs["itm_labels"]).sum())
     names = {"queries": "caption_top1_queries", "class_token": "caption_top1_class_token",
              "itm": "itm_accuracy"}
     return {names[k]: round(v / len(val), 4) for k, v in hits.items()} | {"n": len(val)}
