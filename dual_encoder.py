@@ -71,17 +71,18 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.itm_head = nn.Linear(h, 2) if itm else None
 
-    def image_features(self, pixels, hidden=None):
-        """-> query features (B, Q, E), and class-token features (B, E) or None. hidden: the
-        ViT's normed output for these pixels, when already computed."""
-        if hidden is None:
-            hidden = self.vision_hidden(pixels)
-        queries = F.normalize(self.vision_proj(self.qformer(hidden)), dim=-1)     # (B, Q, E)
-        cls = F.normalize(self.cls_proj(hidden[:, 0]), dim=-1) if self.cls_proj else None
-        return queries, cls
+    def image_features(self, pixels):
+        """-> query features (B, Q, E), and class-token features (B, E) or None."""
+        return self.hidden_features(self.vision_hidden(pixels))
 
     def vision_hidden(self, pixels):
         return self.vision.post_layernorm(self.vision(pixels, select_layer=-1))  # (B, N, Dv)
+
+    def hidden_features(self, hidden):
+        """image_features from the ViT's normed output hidden (B, N, Dv)."""
+        queries = F.normalize(self.vision_proj(self.qformer(hidden)), dim=-1)     # (B, Q, E)
+        cls = F.normalize(self.cls_proj(hidden[:, 0]), dim=-1) if self.cls_proj else None
+        return queries, cls
 
     def match_logits(self, hidden, ids, mask):
         """ITM: (is the statement true of the image?) logits (B, 2) for the ViT's normed
@@ -106,7 +107,7 @@ class DualEncoder(nn.Module):
         when the text way is frozen. With an ITM head, also the matching loss of the batch's
         statements itm_ids, itm_mask (B, T) and their truth itm_labels (B,)."""
         hidden = self.vision_hidden(batch["pixels"])
-        queries, cls = self.image_features(batch["pixels"], hidden)
+        queries, cls = self.hidden_features(hidden)
         pooled = batch["text_pooled"] if "text_pooled" in batch else \
             self.text_pooled(batch["text_ids"], batch["text_mask"])
         text = self.text_features(pooled)                                   # (B, E)

@@ -178,7 +178,7 @@ def stage0_metrics(model, pixels, val, captions, text_pooled, statements) -> dic
     for i in range(0, len(val), 64):
         chunk = val[i:i + 64]
         hidden = model.vision_hidden(pixels([s.image for s in chunk]).to(dev))
-        queries, cls = model.image_features(None, hidden)
+        queries, cls = model.hidden_features(hidden)
         truth = torch.tensor([captions.index(caption(s)) for s in chunk], device=dev)
         hits["queries"] += int((model.similarity(queries, text).argmax(-1) == truth).sum())
         hits["class_token"] += int(((cls @ text.t()).argmax(-1) == truth).sum())
