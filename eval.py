@@ -28,7 +28,10 @@ Which rows get which metric:
                     question; the option count for (2) is theirs, else 5.
   captions          every other row of a stage-1 run: exact match after normalize_answer.
   open-ended        every other row: normalised exact match (the VQA convention, simplified),
-                    overall and per question type (the row's "type" field when present).
+                    overall and per question type (the row's "type" field when present). On
+                    easy-vqa, also "question_only": the blind baseline on the same rows (each
+                    question answered as its text most often is in training), so an accuracy
+                    always stands next to what the language prior alone gets there.
 Multi-turn rows: each assistant turn is one question, answered given the row's earlier turns as
 they are (teacher-forced history, data.dataset.turn_samples) and scored like any other row; the
 turns of multi-turn rows are also scored together under "multi_turn". Text-only rows (no image)
@@ -73,7 +76,8 @@ from data.easyvqa import complete_captions, prepare_easyvqa, training_kind
 from dual_encoder import CAPTION_TOKENS, load_retrieval_run
 from evaluation.answerer import Answerer
 from evaluation.scoring import (MC_LETTERS, extract_letter, is_multiple_choice, normalize_answer,
-                                option_texts, question_stem, recall_at_k, score_answers)
+                                option_texts, question_only_answers, question_stem, recall_at_k,
+                                score_answers)
 from model import LLM
 from text.tokenizer import load_tokenizer
 from vlm import load_run
@@ -321,6 +325,19 @@ def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
     return files[f"{kind}_{args.split}"], files["image_root"], name
 
 
+def is_easyvqa(args, saved_train: dict) -> bool:
+    return not args.data and not saved_train["data"]
+
+
+def question_only(questions) -> dict:
+    """The question-only baseline on the same easy-vqa rows: each question answered as its
+    text is most often answered in the training split (the whole split, as the package gives
+    it), without the image."""
+    files = prepare_easyvqa()
+    train = load_conversations(files["vqa_train"], files["image_root"])[0]
+    return score_answers(questions, question_only_answers(train, questions))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
@@ -408,6 +425,8 @@ def main(argv=None) -> dict:
     questions = turn_samples(rows)
     print(f"evaluating {run} on {data}: {len(rows)} rows, {len(questions)} questions", flush=True)
     metrics, records = evaluate(answerer, questions, saved["train"]["stage"])
+    if "open_ended" in metrics and is_easyvqa(args, saved["train"]):
+        metrics["question_only"] = question_only(questions)
     if args.text_ppl:
         metrics["text_ppl"] = text_ppl_report(parts, saved["backbones"]["llm"], bf16)
     probed = [s for s in questions if is_multiple_choice(s) and option_texts(s)]

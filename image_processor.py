@@ -2,8 +2,10 @@
 Image preprocessing for the vision towers, equal to transformers' image processors (PIL
 backend): CLIPImageProcessor (resize the short side, centre crop), SiglipImageProcessor and
 BlipImageProcessor (BLIP-2 / InstructBLIP: resize to a square), plus LLaVA's pad-to-square. Read from and written as a hub
-preprocessor_config.json.
+preprocessor_config.json. Also the random views that training sees of an image (random_view).
 """
+import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +125,32 @@ class ImageProcessor:
             x = np.asarray(self.resize(image)).astype(np.float64) * self.rescale_factor
             out.append((x.astype(np.float32) - mean) / std)                # (H, W, 3)
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+
+
+def random_view(image: Image.Image, rng: random.Random, max_degrees: float = 180.0,
+                scale=(0.6, 1.1), max_shift: float = 0.1, tint: float = 0.5) -> Image.Image:
+    """The image as another rendering might show it: mirrored (p = 1/2), rotated by up to
+    max_degrees either way, scaled, and shifted by up to max_shift of its size, on its own
+    background (the top-left pixel's colour), which with probability `tint` becomes a random
+    light colour (each channel 200..255, wider than easy-VQA's own 230..255). Ours, for robustness to renderings that training never
+    saw (other sizes, positions, rotations, backgrounds); drawn from rng, so seeding it repeats
+    the view."""
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    w, h = image.size
+    angle, s = math.radians(rng.uniform(-max_degrees, max_degrees)), rng.uniform(*scale)
+    cx, cy = w / 2 + rng.uniform(-max_shift, max_shift) * w, h / 2 + rng.uniform(-max_shift, max_shift) * h
+    a, b = math.cos(angle) / s, math.sin(angle) / s
+    # output pixel (x, y) reads input (a(x-cx) + b(y-cy) + w/2, -b(x-cx) + a(y-cy) + h/2)
+    inverse = (a, b, w / 2 - a * cx - b * cy, -b, a, h / 2 + b * cx - a * cy)
+    background = image.getpixel((0, 0))
+    if rng.random() < tint:
+        light = tuple(rng.randint(200, 255) for _ in range(3))
+        pixels = np.asarray(image).copy()                                   # (H, W, 3)
+        pixels[(np.abs(pixels.astype(int) - background).max(-1) <= 8)] = light
+        image, background = Image.fromarray(pixels), light
+    return image.transform(image.size, Image.Transform.AFFINE, inverse,
+                           resample=Image.Resampling.BILINEAR, fillcolor=background)
 
 
 def _square_size(size) -> int:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from data.dataset import DataError, load_image
+from image_processor import random_view
 
 IMAGE = "<image>"
 QUESTION = "<question>"  # where each question goes in the rendered template
@@ -190,18 +191,30 @@ def vlm_batch(parts, pixels, images, questions, answers=None, max_len=None, row_
 
 class ImageCache:
     """Preprocessed pixels per image path, decoded once (small datasets fit in memory). PIL
-    images passed in directly are processed each time and not cached."""
+    images passed in directly are processed each time and not cached. Given an rng (training
+    augmentation), each image is a new image_processor.random_view of the decoded image, drawn
+    from rng and processed each time."""
 
     def __init__(self, processor):
-        self.processor, self.cache = processor, {}
+        self.processor, self.cache, self.decoded = processor, {}, {}
 
-    def __call__(self, images) -> torch.Tensor:
+    def __call__(self, images, rng=None) -> torch.Tensor:
         out = []
         for img in images:
-            if isinstance(img, Image.Image):
+            if rng is not None:
+                out.append(self.processor([random_view(self.decode(img), rng)])[0])
+            elif isinstance(img, Image.Image):
                 out.append(self.processor([img])[0])
-                continue
-            if img not in self.cache:
-                self.cache[img] = self.processor([load_image(img)])[0]
-            out.append(self.cache[img])
+            else:
+                if img not in self.cache:
+                    self.cache[img] = self.processor([load_image(img)])[0]
+                out.append(self.cache[img])
         return torch.stack(out)  # (B, 3, H, W)
+
+    def decode(self, img) -> Image.Image:
+        """A path's decoded image, kept for the next random view; a PIL image as it is."""
+        if isinstance(img, Image.Image):
+            return img
+        if img not in self.decoded:
+            self.decoded[img] = load_image(img)
+        return self.decoded[img]

@@ -9,6 +9,9 @@ out in the conversation format of data/dataset.py, for every training stage:
     yesno-balanced_{val,test}.json    the split's yes/no rows, balanced per question template
                                       (as many "yes" as "no" rows of each): a question-only
                                       model scores 50% on it, so it measures looking
+    vqa-balanced_train.json  stage 2  the training questions with the yes/no rows balanced the
+                                      same way (colour and shape rows unchanged): nothing is
+                                      learned from the question alone on them
 
 Splits: test = the package's test images; val = train images whose id is a multiple of 10
 (a fixed 10%); train = the other train images. Images are not copied: paths are relative to the
@@ -141,6 +144,12 @@ def balanced_yesno(rows: list[dict], seed: int = 0) -> list[dict]:
     return [rows[i] for i in sorted(keep)]
 
 
+def balanced_vqa(rows: list[dict]) -> list[dict]:
+    """The colour and shape rows and the balanced yes/no rows, in their original order."""
+    yesno = {r["id"] for r in balanced_yesno(rows)}
+    return [r for r in rows if r["type"] != "yes/no" or r["id"] in yesno]
+
+
 def row(row_id: str, image: str, prompt: str, answer: str, **extra) -> dict:
     return {"id": row_id, "image": image, **extra, "conversations": [
         {"from": "human", "value": f"{IMAGE}\n{prompt}"}, {"from": "gpt", "value": answer}]}
@@ -191,11 +200,12 @@ def build_rows(root: Path) -> tuple[dict[str, dict[str, list]], dict[str, int]]:
                 rows["mc"][split].append(row(row_id, image, prompt, letter, type=kind,
                                              options=options, answer_text=answer))
     rows["yesno-balanced"] = {split: balanced_yesno(rows["vqa"][split]) for split in ("val", "test")}
+    rows["vqa-balanced"] = {"train": balanced_vqa(rows["vqa"]["train"])}
     return rows, gaps
 
 
 def prepare_easyvqa(out_dir=None) -> dict[str, Path]:
-    """Write the 11 files (idempotent: same content on every run; atomic writes) and return
+    """Write the 12 files (idempotent: same content on every run; atomic writes) and return
     {"captions_train": path, ..., "yesno-balanced_test": path, "image_root": folder}."""
     root = package_root()
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()

@@ -6,7 +6,7 @@ options, and retrieval recall@K with several right candidates.
 import math
 import re
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,19 @@ def score_answers(samples, predictions, multiple_choice=False) -> dict:
             counts[key] += 1
     return {"accuracy": round(hits["all"] / max(1, counts["all"]), 4), "n": counts["all"],
             **{f"accuracy_{k}": round(hits[k] / counts[k], 4) for k in sorted(counts) if k != "all"}}
+
+
+def question_only_answers(train, samples) -> list[str]:
+    """The question-only ("blind") baseline: each sample's last question gets the answer its
+    exact text most often has in `train` (samples, first turns), or the most common answer
+    there when the text never occurs. Scored on the same rows as a model, it is what the
+    language prior alone earns there."""
+    answers = defaultdict(Counter)
+    for sample in train:
+        answers[sample.turns[0][0]][sample.turns[0][1]] += 1
+    overall = Counter(s.turns[0][1] for s in train).most_common(1)[0][0]
+    return [answers[s.turns[-1][0]].most_common(1)[0][0] if s.turns[-1][0] in answers else overall
+            for s in samples]
 
 
 def recall_at_k(sim: torch.Tensor, truth: torch.Tensor, ks=(1, 5, 10)) -> dict:

@@ -4,11 +4,14 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from data.collate import ImageCache
 from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
 from data.easyvqa import (COLORS, LETTERS, SHAPES, matching_statement, multiple_choice,
                           package_root, prepare_easyvqa, question_template)
+from image_processor import ImageProcessor, random_view
 
 KINDS, SPLITS = ("captions", "vqa", "mc"), ("train", "val", "test")
 
@@ -104,6 +107,44 @@ def test_balanced_yesno_subset_defeats_a_question_only_model(prepared, rows, spl
     yes_no = [r for r in vqa if qa(r)[1] in ("yes", "no")]
     assert blind(yes_no, lambda q: q) > 0.8
     assert blind(balanced, lambda q: q) == blind(balanced, question_template) == 0.5
+
+
+def test_balanced_training_file_keeps_colour_and_shape_and_balances_yes_no(prepared, rows):
+    """Stage 2's default training rows: every colour and shape row of the train split, and its
+    yes/no rows balanced per template (the question-only baseline learns nothing from them)."""
+    mix = json.loads(prepared["vqa-balanced_train"].read_text())
+    train = rows["vqa", "train"]
+    assert [r["id"] for r in mix] == [r["id"] for r in train if r["id"] in {m["id"] for m in mix}]
+    assert {r["id"] for r in train if r["type"] != "yes/no"} <= {r["id"] for r in mix}
+    counts = defaultdict(lambda: {"yes": 0, "no": 0})
+    for r in mix:
+        if r["type"] == "yes/no":
+            counts[question_template(r["conversations"][0]["value"])][r["conversations"][1]["value"]] += 1
+    assert len(counts) == 16 and all(c["yes"] == c["no"] >= 100 for c in counts.values())
+
+
+def test_random_views_repeat_per_seed_and_keep_the_image_whole():
+    """Training's random views: the same seed gives the same view, another seed another one;
+    the size stays, and the corners show a background colour, never black fill."""
+    image = load_image(package_root() / "train" / "images" / "1.png")
+    view = lambda seed: np.asarray(random_view(image, random.Random(seed)))  # noqa: E731
+    assert view(0).shape == np.asarray(image).shape
+    assert (view(0) == view(0)).all() and not (view(0) == view(1)).all()
+    for seed in range(20):
+        corners = view(seed)[[0, 0, -1, -1], [0, -1, 0, -1]]                  # (4, 3)
+        assert corners.min() >= 200, (seed, corners)
+
+
+def test_image_cache_views_are_fresh_and_plain_pixels_cached(tmp_path):
+    """ImageCache: without an rng the processed pixels of a path are cached; with one, each call
+    is a new view drawn from it, repeated exactly by a generator seeded the same."""
+    path = str(package_root() / "train" / "images" / "1.png")
+    pixels = ImageCache(ImageProcessor.clip(64))
+    plain = pixels([path])
+    assert pixels([path]) is not plain and torch.equal(pixels([path]), plain)
+    first, again = pixels([path], random.Random(3)), pixels([path], random.Random(3))
+    assert torch.equal(first, again) and not torch.equal(first, plain)
+    assert not torch.equal(first, pixels([path], random.Random(4)))
 
 
 FORMATS = ({f"a {c} shape" for c in COLORS} | {f"a {s}" for s in SHAPES}

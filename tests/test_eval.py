@@ -16,9 +16,10 @@ import eval as ev
 import tiny
 import train
 from data.dataset import Sample, load_conversations
+from data.easyvqa import prepare_easyvqa
 from evaluation.answerer import Answerer
 from evaluation.scoring import (MC_LETTERS, extract_letter, normalize_answer, option_texts,
-                                question_stem, recall_at_k, score_answers)
+                                question_only_answers, question_stem, recall_at_k, score_answers)
 from vlm import load_run
 
 
@@ -73,6 +74,22 @@ def test_score_answers_per_type():
     mc = [sample("q", "B"), sample("q", "A"), sample("q", "C")]
     assert score_answers(mc, ["(B) red", "Because", "C"], multiple_choice=True) == \
         {"accuracy": round(2 / 3, 4), "n": 3}
+
+
+def test_question_only_answers_by_exact_question_text_else_the_commonest_answer():
+    train = [sample("is it red?", "yes"), sample("is it red?", "yes"), sample("is it red?", "no"),
+             sample("what colour?", "blue"), sample("what colour?", "blue")]
+    asked = [sample("is it red?", "no"), sample("what colour?", "blue"), sample("how many?", "2")]
+    assert question_only_answers(train, asked) == ["yes", "blue", "yes"]
+
+
+def test_question_only_on_easyvqa_is_chance_on_the_balanced_rows():
+    """eval.py's question_only metric on the real files: 50% on every balanced yes/no test row,
+    and the whole test split's 66.8% that the README quotes."""
+    files = prepare_easyvqa()
+    rows = lambda kind: load_conversations(files[f"{kind}_test"], files["image_root"])[0]  # noqa: E731
+    assert ev.question_only(rows("yesno-balanced"))["accuracy"] == 0.5
+    assert ev.question_only(rows("vqa"))["accuracy"] == 0.6683
 
 
 def test_recall_at_k_counts_ties_pessimistically():
@@ -268,6 +285,7 @@ def test_run_val_split_by_default_and_test_split_needs_data(runs):
     config = json.loads((runs["crome"] / "config.json").read_text())
     assert results["data"] == config["train"]["val_data"]
     assert results["metrics"]["open_ended"]["n"] == 3
+    assert "question_only" not in results["metrics"]   # --data: no known training prior
     assert (runs["crome"] / "eval_val.json").is_file() and (runs["crome"] / "eval_val.png").is_file()
     with pytest.raises(SystemExit, match="pass --data"):
         ev.main(["--checkpoint", str(runs["crome"]), "--split", "test"])

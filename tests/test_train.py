@@ -34,6 +34,7 @@ from image_processor import ImageProcessor
 from vit import ViT
 from training.config import TrainConfig, needs_offline_towers, parse_args, resolve, stage0_config
 from training.presets import PRESETS
+from training.stages import stage_data
 from weights.checkpoint import CheckpointError
 from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLMConfig, load_run, saved_components
 
@@ -793,6 +794,27 @@ def test_stage2_on_easyvqa_validates_on_balanced_yes_no_too(assets, tmp_path, ma
     cfg, env, job = tiny.job_for(argv)
     result = job.validate()
     assert result["n"] == 4 and 0.0 <= result["yesno_balanced_accuracy"] <= 1.0
+
+
+def test_easyvqa_stage2_trains_on_balanced_rows_and_random_views_by_default(assets, tmp_path):
+    """Without --data, stage 2 trains on vqa-balanced_train (yes/no balanced per template) and
+    on random views of the images: the same rows give the same views (resume repeats them), and
+    the pixels differ from the plain ones. --no-balance-yesno trains on every row; with --data,
+    augmentation is off unless --augment asks for it; stage 0 inherits the choice."""
+    assert resolve(parse_args([])).augment is True
+    assert resolve(parse_args(["--data", "x.json", "--image-root", "r"])).augment is False
+    assert resolve(parse_args(["--data", "x.json", "--image-root", "r", "--augment"])).augment
+    assert stage0_config(resolve(parse_args(["--no-augment"]))).augment is False
+    assert stage_data(resolve(parse_args([]))).train.name == "vqa-balanced_train.json"
+    assert stage_data(resolve(parse_args(["--no-balance-yesno"]))).train.name == "vqa_train.json"
+    argv = flags(assets, tmp_path, 2, "mwa", 1)
+    for name in ("--data", "--val-data", "--image-root"):
+        del argv[argv.index(name):argv.index(name) + 2]
+    _, _, job = tiny.job_for(argv)
+    _, _, plain = tiny.job_for(argv + ["--no-augment"])
+    assert job.samples[0].id == plain.samples[0].id
+    assert torch.equal(job.batch([0, 1])["pixels"], job.batch([0, 1])["pixels"])
+    assert not torch.equal(job.batch([0, 1])["pixels"], plain.batch([0, 1])["pixels"])
 
 
 # ----------------------------------------------------------------------------- paper-scale flags

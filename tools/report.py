@@ -20,12 +20,11 @@ docs/answers_<adapter>_stage2.png (eval.py's grid of test answers).
 import argparse
 import json
 import shutil
-from collections import Counter, defaultdict
 from pathlib import Path
 
 from data.dataset import load_conversations
 from data.easyvqa import prepare_easyvqa
-from evaluation.scoring import score_answers
+from evaluation.scoring import question_only_answers, score_answers
 from training.progress import plot_curves
 from vlm import ADAPTERS
 
@@ -63,19 +62,12 @@ def dig(d, *keys):
 
 
 def blind_baseline() -> dict:
-    """The question-only ("blind") VQA baseline: each easy-vqa test question gets the answer
-    its exact text most often has in training, without looking at the image; scored as eval.py
-    scores open-ended answers. It measures how much of a score the language prior alone earns."""
+    """The question-only ("blind") VQA baseline on the whole easy-vqa test split, scored as
+    eval.py scores open-ended answers (evaluation.scoring.question_only_answers)."""
     files = prepare_easyvqa()
     train = load_conversations(files["vqa_train"], files["image_root"])[0]
     test = load_conversations(files["vqa_test"], files["image_root"])[0]
-    answers = defaultdict(Counter)
-    for sample in train:
-        answers[sample.turns[0][0]][sample.turns[0][1]] += 1
-    fallback = Counter(s.turns[0][1] for s in train).most_common(1)[0][0]
-    guesses = [answers[s.turns[0][0]].most_common(1)[0][0] if s.turns[0][0] in answers
-               else fallback for s in test]
-    return score_answers(test, guesses)
+    return score_answers(test, question_only_answers(train, test))
 
 
 def vqa_table(runs: Path) -> str:

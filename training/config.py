@@ -65,6 +65,15 @@ class TrainConfig:
                                     "(LLaVA's conv_vicuna_v1) has no template: choose vicuna. The "
                                     "run records the format it used", ["auto", *CHAT_FORMATS])
     data: str = flag("", "LLaVA-format JSON to train on; empty = easy-vqa's file for this stage")
+    balance_yesno: bool = flag(True, "easy-vqa stage 2: train on the yes/no rows balanced per "
+                                     "question template, as many 'yes' as 'no' (the colour and "
+                                     "shape rows unchanged), so the question alone predicts "
+                                     "nothing; --no-balance-yesno: every training row")
+    augment: bool | None = flag(None, "train on random views of the images (mirrored, rotated, "
+                                      "scaled, shifted, background tinted: image_processor."
+                                      "random_view), for renderings the data never shows; "
+                                      "validation sees them as they are. Unset = on for easy-vqa, "
+                                      "off with --data")
     image_root: str = flag("", "the folder --data's (and --val-data's) image paths are relative to")
     val_data: str = flag("", "validation JSON; empty = easy-vqa's validation file (none with --data)")
     out_dir: str = flag("runs", "runs go to OUT_DIR/<adapter>/stage<N>, OUT_DIR/stage0 and "
@@ -114,7 +123,7 @@ RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the t
 RETRIEVAL_ADAPTERS = ("mwa", "full")
 # What a stage-0 run started on the way to another run takes over from that run's flags.
 STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample",
-                   "itm")
+                   "itm", "augment")
 
 
 # --preset and --stage alone, read first: the preset's values depend on the stage.
@@ -169,7 +178,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     defaults = RETRIEVAL_DEFAULTS if cfg.task == "retrieval" else STAGE_DEFAULTS[cfg.stage]
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
     compile = cfg.compile if cfg.compile != "auto" else "yes" if device == "cuda" else "no"
-    return replace(cfg, device=device, dtype=dtype, compile=compile,
+    augment = not cfg.data if cfg.augment is None else cfg.augment
+    return replace(cfg, device=device, dtype=dtype, compile=compile, augment=augment,
                    lr_adapter=cfg.lr_adapter or cfg.lr, steps=cfg.steps or defaults["steps"],
                    batch_size=cfg.batch_size or defaults["batch_size"])
 

@@ -79,7 +79,8 @@ def stage_data(cfg) -> StageFiles:
         return StageFiles(Path(cfg.data), Path(cfg.val_data) if cfg.val_data else None,
                           Path(cfg.image_root), None)
     files, kind = prepare_easyvqa(), training_kind({"task": cfg.task, "stage": cfg.stage})
-    return StageFiles(files[f"{kind}_train"], files[f"{kind}_val"], files["image_root"],
+    train = "vqa-balanced" if kind == "vqa" and cfg.balance_yesno else kind
+    return StageFiles(files[f"{train}_train"], files[f"{kind}_val"], files["image_root"],
                       files["yesno-balanced_val"] if kind == "vqa" else None)
 
 
@@ -109,6 +110,12 @@ def load_val(path, root, cfg) -> list:
 
 def caption(sample) -> str:
     return sample.turns[0][1]
+
+
+def views(cfg, rows) -> random.Random | None:
+    """With --augment, the generator of a batch's random image views, seeded by its rows' ids
+    (the same rows, the same views: a resumed run repeats them exactly); None without."""
+    return random.Random("views:" + ",".join(s.id for s in rows)) if cfg.augment else None
 
 
 # ----------------------------------------------------------------------------- stage 0
@@ -148,7 +155,8 @@ def stage0_job(cfg, env) -> Job:
 
     def collate(rows):
         caption_ids = torch.tensor([captions.index(caption(s)) for s in rows], device=dev)
-        batch = {"pixels": pixels([s.image for s in rows]).to(dev), "caption_ids": caption_ids,
+        images = pixels([s.image for s in rows], views(cfg, rows))
+        batch = {"pixels": images.to(dev), "caption_ids": caption_ids,
                  "text_pooled": text_pooled[caption_ids]} | statements(rows)
         statement_tokens = int(batch["itm_mask"].sum()) if "itm_mask" in batch else 0
         return batch | {"tokens": len(rows) * image_tokens(model) + statement_tokens}
@@ -233,7 +241,7 @@ def vlm_job(cfg, env) -> Job:
     balanced = fixed_subset(load_val(files.balanced_val, files.image_root, cfg), cfg.val_samples)
 
     def collate(rows):  # every assistant turn labelled; text-only rows without visual tokens
-        batch = vlm_batch(parts, pixels, [s.image for s in rows], [s.turns[-1][0] for s in rows],
+        batch = vlm_batch(parts, partial(pixels, rng=views(cfg, rows)), [s.image for s in rows], [s.turns[-1][0] for s in rows],
                           [s.turns[-1][1] for s in rows], cfg.max_len, [s.id for s in rows],
                           [s.turns[:-1] for s in rows], label_history=True)
         batch = {k: v.to(env.device) for k, v in batch.items()}
