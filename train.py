@@ -7,6 +7,8 @@ Train any adapter design through any stage, in one compact loop.
     python train.py --stage 2 --llm HuggingFaceTB/SmolLM2-360M-Instruct --vision openai/clip-vit-base-patch16 \\
         --qformer Salesforce/blip2-opt-2.7b --data llava.json --image-root images/
     torchrun --nproc_per_node=8 train.py --stage 2     # DDP: NCCL on GPUs, gloo on CPU
+    torchrun --nproc_per_node=8 train.py --preset iaa14-llama3-8b --stage 2 --shard fsdp \
+        --activation-checkpointing                     # FSDP2: sharded weights, grads, AdamW
     python train.py --task retrieval --adapter mwa     # MWA's paper setting (or --adapter full)
 
 Stages: 0 pretrains the offline vision tower and the Q-Former's query way (BLIP-2 stage-1
@@ -27,12 +29,12 @@ import math
 import sys
 
 import torch
-import torch.nn as nn
 
 from data.dataset import DataError
 from training.checkpointing import resume_from_checkpoint, save_checkpoint, start_fresh
 from training.config import (check_prerequisites, needs_offline_towers, offline_towers_ready,
                              parse_args, resolve, run_dir, stage0_config, stage0_dir)
+from training.parallel import clip_grad_norm_, distribute
 from training.progress import Progress, count_flops, plot_losses
 from training.runtime import Env, stop_on_signals
 from training.stages import Job, build_job
@@ -66,9 +68,9 @@ def train(cfg, job: Job, env) -> dict:
         raise SystemExit(f"{len(job.samples)} training samples is fewer than one global batch "
                          f"({global_batch}); lower --batch-size or --grad-accum")
     steps = cfg.steps or len(job.samples) // global_batch   # 0 (retrieval): one epoch
+    model = distribute(job, cfg, env)   # DDP, FSDP2 and activation checkpointing
     opt = make_optimizer(job.param_groups, cfg.weight_decay, env.device)
     start = resume_from_checkpoint(out, cfg, job, opt, env) if cfg.resume else start_fresh(out, env)
-    model = nn.parallel.DistributedDataParallel(job.model) if env.world > 1 else job.model
     step_fn = torch.compile(model) if env.compile else model
     log_header(cfg, job, env, steps, global_batch)
     first = job.batch(batch_indices(len(job.samples), cfg.batch_size, 0, cfg.seed, 0, 1))
@@ -99,7 +101,7 @@ def train(cfg, job: Job, env) -> dict:
             handle_bad_loss(cfg, out, step, loss_sum, env)
         else:
             # clip the gradient norm, update, clear the gradients
-            norm = nn.utils.clip_grad_norm_(job.trainable(), cfg.clip)
+            norm = clip_grad_norm_(job.trainable(), cfg.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             progress.count(tokens, global_batch)
@@ -160,10 +162,12 @@ def log_header(cfg, job: Job, env, steps: int, global_batch: int):
     what = f"retrieval | {cfg.adapter}" if cfg.task == "retrieval" else \
         f"stage {cfg.stage} | {cfg.adapter}"
     env.log(f"{what} | {steps} steps | global batch {global_batch} = "
-            f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} processes | "
+            f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} processes"
+            f"{f' ({cfg.shard})' if env.world > 1 else ''} | "
             f"trainable {n_trainable:,} of {n_params:,} parameters "
             f"({100 * n_trainable / n_params:.2f}%) | "
-            f"{env.device} {cfg.dtype}{' compiled' if env.compile else ''}")
+            f"{env.device} {cfg.dtype}{' compiled' if env.compile else ''}"
+            f"{' | activation checkpointing' if cfg.activation_checkpointing else ''}")
 
 
 def handle_bad_loss(cfg, out, step: int, loss: float, env):

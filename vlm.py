@@ -271,14 +271,20 @@ def build_vlm(vcfg: VLMConfig, llm: str, vision: str, qformer: str | None, bf16:
     qformer_model = None
     if vcfg.adapter == "crome":
         qformer_model = load_qformer(qformer, vision_model.config.hidden_size)
-    vlm = VLM(vcfg, llm_model, vision_model, qformer_model)
-    for name in set(saved_components(vcfg.adapter, 3)) - {"qformer"}:
-        getattr(vlm, name).float()
+    vlm = trainable_in_fp32_(VLM(vcfg, llm_model, vision_model, qformer_model))
     processor_folder = resolve_checkpoint(vision, ("preprocessor_config.json",))
     processor = ImageProcessor.from_hf(read_config(processor_folder, "preprocessor_config.json"),
                                        pad_to_square=vcfg.pad_to_square)
     return Parts(vlm.to(device), load_tokenizer(llm, vcfg.chat_format),
                  instruction_wordpiece(qformer_model, qformer, qformer_tokenizer), processor)
+
+
+def trainable_in_fp32_(vlm: VLM) -> VLM:
+    """Every component that trains at some stage in fp32 (the Q-Former as loaded), whatever
+    the LLM's dtype: with a bf16 LLM, autocast does the bf16 math and AdamW updates fp32."""
+    for name in set(saved_components(vlm.cfg.adapter, 3)) - {"qformer"}:
+        getattr(vlm, name).float()
+    return vlm
 
 
 def instruction_wordpiece(qformer_model, qformer: str, tokenizer: str | None):

@@ -1,7 +1,8 @@
 """train.py end to end on tiny backbones in the hub layouts (tests/tiny.py) and slices of the real
 easy-vqa files: every design through stages 1 -> 2 -> 3, stage 0's hub-layout outputs, exact
-resume after SIGKILL and after SIGTERM (real subprocesses), DDP (torchrun, gloo) against gradient
-accumulation, label masking on real rows with the real SmolLM2 tokenizer, and the flag parser.
+resume after SIGKILL and after SIGTERM (real subprocesses), DDP and FSDP (torchrun, gloo) against
+gradient accumulation, activation checkpointing, label masking on real rows with the real SmolLM2
+tokenizer, and the flag parser.
 
 Every run passes --num-threads 1: on a shared 2-core machine torch's default thread pool
 oversubscribes the cores and a tiny step takes ~20x longer."""
@@ -19,6 +20,7 @@ import torch
 import transformers
 from PIL import Image
 from safetensors.torch import load_file
+from torch.autograd.graph import saved_tensors_hooks
 
 import eval as ev
 import tiny
@@ -33,6 +35,7 @@ from text.tokenizer import load_tokenizer
 from image_processor import ImageProcessor
 from vit import ViT
 from training.config import TrainConfig, needs_offline_towers, parse_args, resolve, stage0_config
+from training.parallel import checkpoint_activations_
 from training.presets import PRESETS
 from training.stages import stage_data
 from weights.checkpoint import CheckpointError
@@ -325,6 +328,103 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(assets, tmp_path,
     assert all(abs(a[s] - b[s]) <= 1e-5 + 1e-9 for s in a), (a, b)  # logged rounded to 5 decimals
     assert_same_tensors(weights(run_ddp), weights(run_one), atol=1e-5)
     assert len(records(run_ddp)) == steps + 1  # only rank 0 writes: one line per step + validation
+
+
+# ----------------------------------------------------------------------------- FSDP, activation checkpointing
+
+# train.py under torchrun, every process exiting at once as step `at` begins: a crashed job.
+EXIT_AT_STEP = """\
+import os, sys
+sys.path.insert(0, os.getcwd())
+import train
+at = int(sys.argv[1])
+def lr_factor(step, steps, warmup, original=train.lr_factor):
+    if step == at:
+        os._exit(1)
+    return original(step, steps, warmup)
+train.lr_factor = lr_factor
+train.main(sys.argv[2:])
+"""
+
+
+def torchrun(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_fsdp_two_processes_resumed_equal_one_process_with_accumulation(assets, tmp_path, main):
+    """IAA stage 2 sharded with FSDP2 over 2 CPU processes (gloo), with activation
+    checkpointing, crashed as step 3 begins and resumed from its step-2 checkpoint, against 1
+    process x 2 accumulation without either: the same losses, trained weights and AdamW state
+    (checkpoints hold full tensors, whatever the sharding). The root unit holds frozen and
+    trainable parameters together (the LLM's embedding, IAA's own)."""
+    steps = 4
+    fsdp = flags(assets, tmp_path / "fsdp", 2, "iaa", steps, "--shard", "fsdp",
+                 "--activation-checkpointing", "--save-every", "2", batch_size=2)
+    script = tmp_path / "exit_at_step.py"
+    script.write_text(EXIT_AT_STEP)
+    crashed = torchrun(tmp_path, str(script), "3", *fsdp)
+    assert crashed.returncode != 0
+    run_fsdp = tmp_path / "fsdp" / "iaa" / "stage2"
+    assert json.loads((run_fsdp / "trainer_state.json").read_text())["step"] == 2
+    done = torchrun(tmp_path, "train.py", *fsdp, "--resume")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert f"resumed {run_fsdp} at step 2" in done.stdout
+    assert "x 2 processes (fsdp) |" in done.stdout and "activation checkpointing" in done.stdout
+
+    main(flags(assets, tmp_path / "one", 2, "iaa", steps, "--grad-accum", "2", batch_size=2))
+    run_one = tmp_path / "one" / "iaa" / "stage2"
+    a, b = losses(run_fsdp), losses(run_one)
+    assert sorted(a) == sorted(b) == list(range(steps))
+    assert all(abs(a[s] - b[s]) <= 1e-5 + 1e-9 for s in a), (a, b)  # logged rounded to 5 decimals
+    assert_same_tensors(weights(run_fsdp), weights(run_one), atol=1e-5)
+    opt_fsdp, opt_one = (load_file(r / "optimizer.safetensors") for r in (run_fsdp, run_one))
+    assert_same_tensors(opt_fsdp, opt_one, atol=1e-5)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(assets, tmp_path, design):
+    """Stage 2 (CROME's Q-Former, IAA's insertion layers and MWA's adapters train; MWA's with
+    dropout): one forward and backward with every block checkpointed gives the loss and every
+    gradient exactly, while keeping fewer tensors for the backward pass (the blocks' own
+    activations; the logits at the answers stay)."""
+    _, _, job = tiny.job_for(flags(assets, tmp_path, 2, design, 1))
+    batch = job.batch(list(range(4)))
+
+    def loss_and_grads():
+        kept = []
+        torch.manual_seed(0)
+        with saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
+                                 lambda t: t):
+            loss = job.model(batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in job.model.named_parameters() if p.grad is not None}
+        for p in job.trainable():
+            p.grad = None
+        return loss, grads, sum(kept)
+
+    loss, grads, kept = loss_and_grads()
+    checkpoint_activations_(job.model)
+    loss_ac, grads_ac, kept_ac = loss_and_grads()
+    assert loss_ac.item() == loss.item()
+    assert grads and grads.keys() == grads_ac.keys()
+    assert_same_tensors(grads_ac, grads)
+    assert kept_ac < kept, (kept_ac, kept)
+
+
+def test_fsdp_refuses_compile_and_the_small_encoders(capsys):
+    for argv, message in ((["--shard", "fsdp", "--compile", "yes"], "--shard fsdp runs eagerly"),
+                          (["--shard", "fsdp", "--stage", "0"], "stage 0 and retrieval"),
+                          (["--shard", "fsdp", "--task", "retrieval", "--adapter", "mwa"],
+                           "stage 0 and retrieval")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert message in capsys.readouterr().err
+    # compile's auto is on for CUDA, but not with FSDP
+    assert resolve(TrainConfig(device="cuda")).compile == "yes"
+    assert resolve(TrainConfig(device="cuda", shard="fsdp")).compile == "no"
 
 
 # ----------------------------------------------------------------------------- hub Q-Formers (CROME)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from training.config import run_name
+from training.parallel import gathered, like
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
                                 read_safetensors_metadata, save_json, save_safetensors)
 
@@ -45,26 +46,29 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict, source: st
         raise CheckpointError(f"{source} does not fit this model's optimizer: missing "
                               f"{missing[:4]}, wrongly shaped {misshaped[:4]}")
     for key, p in params.items():
-        state = {k: tensors[f"{key}.{k}"].to(p.device) for k in ADAM_STATE if f"{key}.{k}" in tensors}
-        if state:
-            opt.state[p] = state
+        state = {k: tensors[f"{key}.{k}"] for k in ADAM_STATE if f"{key}.{k}" in tensors}
+        if state:  # the moments placed as their parameter is (sharded under FSDP)
+            opt.state[p] = {k: v.to(p.device) if k == "step" else like(v, p)
+                            for k, v in state.items()}
 
 
 def save_checkpoint(out: Path, cfg, job, opt, step: int, env):
     """Everything --resume needs. The files are written into out/.checkpoint first and moved
     into place only when all four exist, trainer_state.json last, so a crash or a full disk
     mid-save leaves the previous checkpoint intact. Both weight files carry the step, so a
-    crash between the final renames is caught on resume instead of mixing two steps."""
+    crash between the final renames is caught on resume instead of mixing two steps. Under
+    FSDP every process joins in gathering the full tensors; process 0 writes them."""
+    state = job.model.state_dict()
+    weights = gathered({k: state[k] for k in job.saved_keys}, env.rank)
+    optimizer = gathered(optimizer_tensors(opt), env.rank)
     if env.rank != 0:
         return
     staging = out / ".checkpoint"
     shutil.rmtree(staging, ignore_errors=True)
     meta = {"task": cfg.task, "stage": str(cfg.stage), "adapter": cfg.adapter, "step": str(step)}
-    state = job.model.state_dict()
     save_json({"train": asdict(cfg), **job.config}, staging / "config.json")
-    save_safetensors({k: state[k] for k in job.saved_keys}, staging / "model.safetensors",
-                     metadata=meta)
-    save_safetensors({**optimizer_tensors(opt), "rng.torch": torch.get_rng_state()},
+    save_safetensors(weights, staging / "model.safetensors", metadata=meta)
+    save_safetensors({**optimizer, "rng.torch": torch.get_rng_state()},
                      staging / "optimizer.safetensors", metadata=meta)
     save_json({"step": step, "seed": cfg.seed, "task": cfg.task, "adapter": cfg.adapter,
                "stage": cfg.stage}, staging / "trainer_state.json")
@@ -87,8 +91,10 @@ def resume_from_checkpoint(out: Path, cfg, job, opt, env) -> int:
     saved, wanted = run_name(read_config(out)["train"]), run_name(asdict(cfg))
     if saved != wanted:
         raise CheckpointError(f"--resume: {out} holds {saved}, not {wanted}")
-    load_strict(job.model, read_safetensors_file(out / "model.safetensors"),
-                str(out / "model.safetensors"), keys=job.saved_keys)
+    own = job.model.state_dict()
+    weights = {k: like(v, own[k]) if k in own else v
+               for k, v in read_safetensors_file(out / "model.safetensors").items()}
+    load_strict(job.model, weights, str(out / "model.safetensors"), keys=job.saved_keys)
     tensors = read_safetensors_file(out / "optimizer.safetensors")
     if "rng.torch" not in tensors:
         raise CheckpointError(f"{out / 'optimizer.safetensors'}: no 'rng.torch'")

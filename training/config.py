@@ -101,8 +101,16 @@ class TrainConfig:
     dtype: str = flag("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than "
                               "fp32 on CPUs without AMX); bf16 = autocast with the frozen LLM "
                               "stored in bf16", ["auto", "bf16", "fp32"])
-    compile: str = flag("auto", "torch.compile the training step; auto = on CUDA only",
-                        ["auto", "yes", "no"])
+    compile: str = flag("auto", "torch.compile the training step; auto = on CUDA only, and "
+                                "never with --shard fsdp", ["auto", "yes", "no"])
+    shard: str = flag("ddp", "how a torchrun run spreads the model over its processes: ddp = a "
+                             "whole copy on each, gradients all-reduced; fsdp = parameters, "
+                             "gradients and AdamW state sharded over them (PyTorch FSDP2, one "
+                             "unit per transformer block; stages 1-3, eager only). One process: "
+                             "no effect", ["ddp", "fsdp"])
+    activation_checkpointing: bool = flag(False, "keep only each transformer block's input and "
+                                                 "recompute its activations in the backward "
+                                                 "pass: less memory, about one more forward")
     device: str = flag("auto", "auto = cuda when available", ["auto", "cpu", "cuda"])
     log_every: int = flag(10, "steps between progress lines")
     eval_every: int = flag(0, "steps between validations; 0 = only at the end")
@@ -167,6 +175,11 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
                 "[SEP] and one token)")
     if cfg.log_every < 1 or cfg.num_threads < 0:
         p.error("--log-every must be >= 1 and --num-threads >= 0")
+    if cfg.shard == "fsdp" and (cfg.task == "retrieval" or cfg.stage == 0):
+        p.error("--shard fsdp shards the multimodal model of stages 1-3; stage 0 and retrieval "
+                "train small encoders: use --shard ddp")
+    if cfg.shard == "fsdp" and cfg.compile == "yes":
+        p.error("--shard fsdp runs eagerly: pass --compile no (or auto)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return cfg
@@ -177,7 +190,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     defaults = RETRIEVAL_DEFAULTS if cfg.task == "retrieval" else STAGE_DEFAULTS[cfg.stage]
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
-    compile = cfg.compile if cfg.compile != "auto" else "yes" if device == "cuda" else "no"
+    compile = cfg.compile if cfg.compile != "auto" else \
+        "yes" if device == "cuda" and cfg.shard == "ddp" else "no"
     augment = not cfg.data if cfg.augment is None else cfg.augment
     return replace(cfg, device=device, dtype=dtype, compile=compile, augment=augment,
                    lr_adapter=cfg.lr_adapter or cfg.lr, steps=cfg.steps or defaults["steps"],
