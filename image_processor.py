@@ -127,16 +127,20 @@ class ImageProcessor:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
 
 
-def random_view(image: Image.Image, rng: random.Random, max_degrees: float = 180.0,
-                scale=(0.6, 1.1), max_shift: float = 0.1, tint: float = 0.5) -> Image.Image:
-    """The image as another rendering might show it: mirrored (p = 1/2), rotated by up to
-    max_degrees either way, scaled, and shifted by up to max_shift of its size, on its own
+def random_view(image: Image.Image, rng: random.Random, max_degrees: float = 15.0,
+                scale=(0.75, 1.1), max_shift: float = 0.1, tint: float = 0.5) -> Image.Image:
+    """The image as another rendering might show it: in one of its 8 lossless orientations
+    (mirrored and/or turned by a multiple of 90 degrees), rotated a little further (up to
+    max_degrees either way), scaled, and shifted by up to max_shift of its size, on its own
     background (the top-left pixel's colour), which with probability `tint` becomes a random
-    light colour (each channel 200..255, wider than easy-VQA's own 230..255). Ours, for robustness to renderings that training never
-    saw (other sizes, positions, rotations, backgrounds); drawn from rng, so seeding it repeats
-    the view."""
-    if rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    light colour (each channel 200..255, wider than easy-VQA's own 230..255). Ours, for
+    robustness to renderings that training never saw (other sizes, positions, rotations,
+    backgrounds); drawn from rng, so seeding it repeats the view. The small continuous rotation
+    is a hedge, not a measured optimum: with arbitrary angles (and mirroring only), a 300-step
+    stage 0 reached 42% caption top-1; arbitrary angles were not tried at 1,500 steps."""
+    orientation = rng.randrange(8)
+    if orientation:
+        image = image.transpose(list(Image.Transpose)[orientation - 1])
     w, h = image.size
     angle, s = math.radians(rng.uniform(-max_degrees, max_degrees)), rng.uniform(*scale)
     cx, cy = w / 2 + rng.uniform(-max_shift, max_shift) * w, h / 2 + rng.uniform(-max_shift, max_shift) * h
