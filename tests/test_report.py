@@ -38,6 +38,21 @@ def test_vqa_row_reads_each_number_from_its_file(tmp_path, monkeypatch):
     assert "Test rows per evaluation: 40;" in table
 
 
+def test_looking_row_puts_each_accuracy_beside_the_question_only_one(tmp_path):
+    s2 = tmp_path / "mwa" / "stage2"
+    write(s2 / "result.json", {"trainable_params": 1, "total_params": 2, "wall_s": 300.2})
+    (s2 / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "loss": 2.0}, {"step": 0, "val": {"yesno_balanced_accuracy": 0.75}}]) + "\n")
+    write(s2 / "eval_test.json", {"metrics": {
+        "open_ended": {"accuracy": 0.9, "accuracy_color": 1.0, "accuracy_shape": 0.8,
+                       "accuracy_yes/no": 0.95}, "question_only": {"accuracy": 0.68}}})
+    write(s2 / "eval_yesno-balanced_test.json", {"metrics": {
+        "open_ended": {"accuracy": 0.625}, "question_only": {"accuracy": 0.5}}})
+    table = report.looking_table(tmp_path)
+    assert table.splitlines()[2:] == [
+        "| MWA | 300 s | 90.0% (100.0% / 80.0% / 95.0%) | 68.0% | 62.5% | 50.0% | 75.0% |"]
+
+
 def test_retrieval_rows_and_loss_figure(tmp_path):
     write(tmp_path / "stage0" / "eval_retrieval_test.json", {"metrics": {
         "image_to_text": {"R@1": 0.9, "R@5": 1.0, "R@10": 1.0},

@@ -10,6 +10,9 @@ Where each number comes from (a missing file leaves its cells "-"):
   runs/<adapter>/stage2/eval_test.json     open-ended test accuracy, per question type;
                                            text-only perplexity (eval.py --text-ppl)
   runs/<adapter>/stage2/eval_mc_test.json  multiple choice by option likelihood (--kind mc)
+  runs/<adapter>/stage2/eval_yesno-balanced_test.json   balanced yes/no (--kind yesno-balanced);
+                                           with eval_test.json, the question-only accuracy on
+                                           the same rows (eval.py's question_only)
   runs/<adapter>/stage3/eval_test.json     multiple choice after stage 3, three ways
   easy-vqa's own files                     the question-only (blind) baseline row
   runs/stage0, runs/retrieval/<adapter>: eval_retrieval_test.json (R@K, trainable share),
@@ -39,10 +42,7 @@ def read(path: Path):
 
 def last_logged(run: Path) -> dict:
     """The last training record of metrics.jsonl (samples/s and tokens/s are run averages)."""
-    if not (run / "metrics.jsonl").is_file():
-        return {}
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return next((r for r in reversed(rows) if "loss" in r), {})
+    return next((r for r in reversed(read_lines(run / "metrics.jsonl")) if "loss" in r), {})
 
 
 def pct(x) -> str:
@@ -104,6 +104,34 @@ def vqa_table(runs: Path) -> str:
     rows.append(f"\nTest rows per evaluation: {', '.join(str(n) for n in sorted(sizes - {None}))}; "
                 f"the easy-vqa package's CNN+LSTM baseline: {pct(EASYVQA_BASELINE)} open-ended.")
     return "\n".join(rows)
+
+
+def looking_table(runs: Path) -> str:
+    """Per design and baseline with a stage-2 run: does it look at the image? Its open-ended and
+    balanced yes/no test accuracy, each beside the question-only baseline on the same rows
+    (eval.py's question_only), and its stage-2 validation's balanced yes/no."""
+    rows = ["| model | stage-2 wall time | open-ended test (colour / shape / yes-no) | question "
+            "only, same rows | balanced yes/no test | question only, same rows | stage-2 "
+            "validation: balanced yes/no |\n|---|---:|---|---:|---:|---:|---:|"]
+    for a in ADAPTERS:
+        s2 = runs / a / "stage2"
+        if not (s2 / "result.json").is_file():
+            continue
+        vqa, balanced = read(s2 / "eval_test.json"), read(s2 / "eval_yesno-balanced_test.json")
+        oe = dig(vqa, "metrics", "open_ended") or {}
+        per_type = " / ".join(pct(oe.get(f"accuracy_{t}")) for t in ("color", "shape", "yes/no"))
+        val = next((r["val"] for r in reversed(read_lines(s2 / "metrics.jsonl")) if "val" in r), {})
+        rows.append(f"| {NAMES[a]} | {num(read(s2 / 'result.json').get('wall_s'), '{:.0f} s')} | "
+                    f"{pct(oe.get('accuracy'))} ({per_type}) | "
+                    f"{pct(dig(vqa, 'metrics', 'question_only', 'accuracy'))} | "
+                    f"{pct(dig(balanced, 'metrics', 'open_ended', 'accuracy'))} | "
+                    f"{pct(dig(balanced, 'metrics', 'question_only', 'accuracy'))} | "
+                    f"{pct(val.get('yesno_balanced_accuracy'))} |")
+    return "\n".join(rows)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def retrieval_table(runs: Path) -> str:
@@ -174,7 +202,7 @@ def main(argv=None):
         print(gpu_table(Path(args.gpu)))
         return
     runs = Path(args.runs)
-    print(vqa_table(runs) + "\n\n" + retrieval_table(runs))
+    print(looking_table(runs) + "\n\n" + vqa_table(runs) + "\n\n" + retrieval_table(runs))
     figures(runs, Path(args.docs))
 
 
