@@ -328,6 +328,23 @@ def test_llama2_chat_format_matches_apply_chat_template(tmp_path, sp_model):
     assert load_tokenizer(folder, chat_format="vicuna").chat_format == "vicuna"
 
 
+def test_chat_template_jinja_as_transformers_saves_it(tmp_path, sp_model):
+    """transformers now saves the template to chat_template.jinja and drops it from
+    tokenizer_config.json: it is read from there (and wins, as in transformers), for the format
+    and for ChatML's default system message."""
+    folder, _ = sp_folder(tmp_path / "llama2", sp_model, chat_template=LLAMA2_TEMPLATE)
+    for source in (folder, smollm2_folder()):
+        auto = transformers.AutoTokenizer.from_pretrained(source)
+        auto.save_pretrained(tmp_path / "saved")
+        assert "chat_template" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+        tok, original = load_tokenizer(tmp_path / "saved"), load_tokenizer(source)
+        assert (tok.chat_format, tok.default_system) == (original.chat_format, original.default_system)
+        for conversation in CONVERSATIONS:
+            assert tok.render_chat(conversation) == auto.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False)
+    assert load_tokenizer(tmp_path / "saved").default_system   # SmolLM2's: "You are a helpful ..."
+
+
 def test_vicuna_v1_is_llavas_conv_vicuna_v1(tmp_path, sp_model):
     """The string LLaVA's conv_vicuna_v1 writes (separator style TWO: " " after a user turn,
     "</s>" after an answer), after the <s> its tokenizer adds; chosen by name, as Vicuna's
