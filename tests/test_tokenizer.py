@@ -114,6 +114,8 @@ def test_smollm2_matches_transformers(smol):
     for _ in range(200):  # arbitrary ids: byte sequences cut mid-character, special tokens
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
         assert tok.decode(ids) == auto.decode(ids, skip_special_tokens=False)
+    past = [tok.vocab_size, tok.vocab_size + 7]   # a padded embedding's rows: no tokens
+    assert tok.decode([42] + past + [43]) == auto.decode([42] + past + [43]) == tok.decode([42, 43])
 
 
 CONVERSATIONS = [

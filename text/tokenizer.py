@@ -108,7 +108,10 @@ class Tokenizer:
         return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
 
     def decode(self, ids) -> str:
-        return self.enc.decode(list(ids), errors="replace")
+        """Ids past the vocabulary are skipped, as the reference does: a model's embedding may
+        be padded beyond its tokenizer (Qwen2's 151936 rows hold 151646 tokens), and an
+        untrained model can generate those ids."""
+        return self.enc.decode([i for i in ids if i < self.vocab_size], errors="replace")
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's chat template writes it."""
