@@ -487,7 +487,13 @@ def test_a_batch_of_image_and_text_only_rows_trains_every_design(assets, mixed_f
     job.model.zero_grad()
     text_only = job.batch([2, 3])
     assert "pixels" not in text_only and not text_only["image_mask"].any()
-    assert torch.isfinite(job.model(text_only))
+    # a batch of text-only rows alone trains too (it crashed where only visual modules train):
+    # every trainable weight gets a gradient, zero for the projector, which it never reached
+    loss = job.model(text_only)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in job.trainable())
+    assert all(not p.grad.any() for p in job.model.projector.parameters())
 
 
 # ----------------------------------------------------------------------------- labels on real rows
