@@ -365,9 +365,9 @@ def test_crome_trains_on_an_instructblip_folder_and_its_qformer_tokenizer(assets
 
 def test_crome_on_one_instructblip_repo_as_vision_tower_and_qformer(assets, hub_qformers, tmp_path,
                                                                     main):
-    """The README's hub example: --vision and --qformer name the same InstructBLIP folder, so the
-    Q-Former reads the EVA tower it was trained on, preprocessed as BlipImageProcessor does;
-    stage 2 trains and eval.py loads and scores the run."""
+    """--vision and --qformer name the same InstructBLIP folder (as the README's hub block does),
+    so the Q-Former reads the EVA tower it was trained on, preprocessed as BlipImageProcessor
+    does; stage 2 trains and eval.py loads and scores the run."""
     folder = str(hub_qformers["instructblip"])
     main(flags(assets, tmp_path, 2, "crome", 2, "--vision", folder, "--qformer", folder,
                "--pixel-shuffle", "2"))   # the tiny tower's 2x2 patch grid

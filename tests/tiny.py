@@ -113,7 +113,8 @@ def write_instructblip(folder, vision_width=VIT["hidden_size"], seed=0, image_si
     return folder
 
 
-def write_blip2(folder, text_way: bool, seed=0, image_size=32, patch_size=16) -> Path:
+def write_blip2(folder, text_way: bool, seed=0, image_size=32, patch_size=16,
+                vision_width=VIT["hidden_size"]) -> Path:
     """A random BLIP-2 as on the hub, without any Q-Former vocabulary (BLIP-2 repos carry none):
     text_way=False is Blip2ForConditionalGeneration (the Q-Former reads no text) with its
     Blip2Processor (preprocessor_config.json; the LLM's tokenizer is SmolLM2's here); True is
@@ -122,7 +123,7 @@ def write_blip2(folder, text_way: bool, seed=0, image_size=32, patch_size=16) ->
                               Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor)
     folder = Path(folder)
     torch.manual_seed(seed)
-    vision = dict(HUB_VISION, hidden_size=VIT["hidden_size"], image_size=image_size,
+    vision = dict(HUB_VISION, hidden_size=vision_width, image_size=image_size,
                   patch_size=patch_size)
     config = Blip2Config(vision_config=vision, text_config=OPT, num_query_tokens=4,
                          qformer_config=dict(HUB_QFORMER, use_qformer_text_input=text_way))
