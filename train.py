@@ -4,8 +4,10 @@ Train any adapter design through any stage, in one compact loop.
     python train.py --stage 2                          # CROME on the offline default (CPU is fine)
     python train.py --stage 1 --adapter iaa            # stages 1 -> 2 -> 3 hand over automatically
     python train.py --stage 2 --resume                 # continue an interrupted run exactly
-    python train.py --stage 2 --llm HuggingFaceTB/SmolLM2-360M-Instruct --vision openai/clip-vit-base-patch16 \\
-        --qformer Salesforce/blip2-opt-2.7b --data llava.json --image-root images/
+    python train.py --stage 2 --out-dir runs/smollm2-clip --adapter crome --max-len 2048 \\
+        --llm HuggingFaceTB/SmolLM2-360M-Instruct --vision openai/clip-vit-base-patch16 \\
+        --pixel-shuffle 2 --qformer google-bert/bert-base-uncased \\
+        --data llava_v1_5_mix665k.json --image-root images/   # hub backbones: README, "Hub models"
     torchrun --nproc_per_node=8 train.py --stage 2     # DDP: NCCL on GPUs, gloo on CPU
     torchrun --nproc_per_node=8 train.py --preset iaa14-llama3-8b --stage 2 --shard fsdp \
         --activation-checkpointing                     # FSDP2: sharded weights, grads, AdamW

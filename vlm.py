@@ -231,7 +231,13 @@ class VLM(nn.Module):
         at[:, :-1] = labels[:, 1:] != -100             # position t predicts token t+1
         targets = labels[:, 1:][labels[:, 1:] != -100]
         logits = self.run_llm(x, batch["image_mask"].long(), logits_at=at)   # (N, V)
-        return F.cross_entropy(logits.float(), targets)
+        loss = F.cross_entropy(logits.float(), targets)
+        if "pixels" not in batch and self.training:
+            # Text-only rows never reach the visual modules. Every trainable weight joins the
+            # graph times 0 (a zero gradient, as LLaVA's blank image for such rows gives), so
+            # backward works where only visual modules train, and DDP reduces every weight.
+            loss = loss + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+        return loss
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=16, stop_ids=(), **sampling):

@@ -9,13 +9,13 @@ import random
 import pytest
 import tokenizers
 import transformers
-from tokenizers import decoders, normalizers, pre_tokenizers, processors
+from tokenizers import decoders, pre_tokenizers
 from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
+import tiny
+from tiny import LLAMA2_TEMPLATE, SP_SPECIALS
 from data.collate import encode_conversation
-
 from weights.checkpoint import CheckpointError
 from weights.offline import gpt2_ranks_path, smollm2_folder
 from text.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL, VICUNA_SYSTEM, load_tokenizer
@@ -114,6 +114,8 @@ def test_smollm2_matches_transformers(smol):
     for _ in range(200):  # arbitrary ids: byte sequences cut mid-character, special tokens
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
         assert tok.decode(ids) == auto.decode(ids, skip_special_tokens=False)
+    past = [tok.vocab_size, tok.vocab_size + 7]   # a padded embedding's rows: no tokens
+    assert tok.decode([42] + past + [43]) == auto.decode([42] + past + [43]) == tok.decode([42, 43])
 
 
 CONVERSATIONS = [
@@ -253,62 +255,24 @@ def test_unsupported_tokenizers_are_errors(tmp_path):
 
 # ---- SentencePiece-style BPE (Llama-2 / Vicuna / Mistral-v0.1 layout) and its chat formats ------
 
-SP_SPECIALS = ["<unk>", "<s>", "</s>"]
 SP_WORDS = ("the a chat between curious user and an artificial intelligence assistant gives helpful "
             "detailed polite answers to questions what colour is shape red blue green circle square "
             "triangle yes no there image describe hello world café naïve déjà vu 東京 中文 12 2024 "
             "3.14 ( ) , . ? ! : ; - ' USER ASSISTANT [INST] [/INST] <<SYS>> <</SYS>> don't").split()
-LLAMA2_TEMPLATE = (  # the hub's Llama-2-chat template
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set "
-    "system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set "
-    "system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == "
-    "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
-    "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != "
-    "false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + "
-    "message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if "
-    "message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif "
-    "message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}")
-SP_LAYOUTS = {  # (normalizer, pre-tokenizer, decoder) of the layouts hub files use
-    "llama2": (normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]), None,
-               decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                  decoders.Strip(" ", 1, 0)])),
-    "metaspace-first": (None, pre_tokenizers.Metaspace("▁", prepend_scheme="first", split=False),
-                        decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])),
-    "metaspace-always-split": (None, pre_tokenizers.Metaspace("▁", prepend_scheme="always"),
-                               decoders.Metaspace("▁", prepend_scheme="always")),
-}
+SP_LAYOUTS = tiny.sentencepiece_layouts()   # the layouts hub files use
 
 
 @pytest.fixture(scope="module")
 def sp_model():
-    """(vocab, merges) of a tiny SentencePiece-style BPE trained by `tokenizers`: words start with
-    "▁" and merges stay inside words (as SentencePiece splits on whitespace); ids are the Llama
-    order: <unk> <s> </s>, the 256 <0xNN> byte tokens, then the learned tokens."""
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(SP_WORDS) for _ in range(rng.randint(3, 20))) for _ in range(3000)]
-    trainer = tokenizers.Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    trainer.normalizer = SP_LAYOUTS["llama2"][0]
-    trainer.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="never")
-    trainer.train_from_iterator(corpus, BpeTrainer(vocab_size=800, special_tokens=SP_SPECIALS))
-    learned = sorted(trainer.get_vocab().items(), key=lambda item: item[1])
-    names = SP_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + \
-        [t for t, _ in learned if t not in SP_SPECIALS]
-    merges = [tuple(m) for m in json.loads(trainer.to_str())["model"]["merges"]]
-    return {t: i for i, t in enumerate(names)}, merges
+    """(vocab, merges) of a tiny SentencePiece-style BPE (tiny.train_sentencepiece_bpe)."""
+    return tiny.train_sentencepiece_bpe(SP_WORDS)
 
 
 def sp_folder(path, sp_model, layout="llama2", chat_template=None):
     """A hub-layout folder with the tokenizer.json `tokenizers` writes for the layout (Llama's
     post-processor puts <s> in front) -> (folder, the reference tokenizer)."""
-    vocab, merges = sp_model
-    ref = tokenizers.Tokenizer(BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    ref.normalizer, ref.pre_tokenizer, ref.decoder = SP_LAYOUTS[layout]
-    ref.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SP_SPECIALS])
-    ref.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     path.mkdir(exist_ok=True)
-    ref.save(str(path / "tokenizer.json"))
+    tiny.sentencepiece_tokenizer(*sp_model, layout).save(str(path / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
               "unk_token": "<unk>"}
     (path / "tokenizer_config.json").write_text(json.dumps(
@@ -364,6 +328,23 @@ def test_llama2_chat_format_matches_apply_chat_template(tmp_path, sp_model):
     assert tok.render_chat(CONVERSATIONS[2]) == \
         "<s>[INST] 2+2? [/INST] 4 </s><s>[INST] and 3+3? [/INST]"
     assert load_tokenizer(folder, chat_format="vicuna").chat_format == "vicuna"
+
+
+def test_chat_template_jinja_as_transformers_saves_it(tmp_path, sp_model):
+    """transformers now saves the template to chat_template.jinja and drops it from
+    tokenizer_config.json: it is read from there (and wins, as in transformers), for the format
+    and for ChatML's default system message."""
+    folder, _ = sp_folder(tmp_path / "llama2", sp_model, chat_template=LLAMA2_TEMPLATE)
+    for source in (folder, smollm2_folder()):
+        auto = transformers.AutoTokenizer.from_pretrained(source)
+        auto.save_pretrained(tmp_path / "saved")
+        assert "chat_template" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+        tok, original = load_tokenizer(tmp_path / "saved"), load_tokenizer(source)
+        assert (tok.chat_format, tok.default_system) == (original.chat_format, original.default_system)
+        for conversation in CONVERSATIONS:
+            assert tok.render_chat(conversation) == auto.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False)
+    assert load_tokenizer(tmp_path / "saved").default_system   # SmolLM2's: "You are a helpful ..."
 
 
 def test_vicuna_v1_is_llavas_conv_vicuna_v1(tmp_path, sp_model):

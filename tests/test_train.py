@@ -466,9 +466,9 @@ def test_crome_trains_on_an_instructblip_folder_and_its_qformer_tokenizer(assets
 
 def test_crome_on_one_instructblip_repo_as_vision_tower_and_qformer(assets, hub_qformers, tmp_path,
                                                                     main):
-    """The README's hub example: --vision and --qformer name the same InstructBLIP folder, so the
-    Q-Former reads the EVA tower it was trained on, preprocessed as BlipImageProcessor does;
-    stage 2 trains and eval.py loads and scores the run."""
+    """--vision and --qformer name the same InstructBLIP folder (as the README's hub block does),
+    so the Q-Former reads the EVA tower it was trained on, preprocessed as BlipImageProcessor
+    does; stage 2 trains and eval.py loads and scores the run."""
     folder = str(hub_qformers["instructblip"])
     main(flags(assets, tmp_path, 2, "crome", 2, "--vision", folder, "--qformer", folder,
                "--pixel-shuffle", "2"))   # the tiny tower's 2x2 patch grid
@@ -588,7 +588,13 @@ def test_a_batch_of_image_and_text_only_rows_trains_every_design(assets, mixed_f
     job.model.zero_grad()
     text_only = job.batch([2, 3])
     assert "pixels" not in text_only and not text_only["image_mask"].any()
-    assert torch.isfinite(job.model(text_only))
+    # a batch of text-only rows alone trains too (it crashed where only visual modules train):
+    # every trainable weight gets a gradient, zero for the projector, which it never reached
+    loss = job.model(text_only)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in job.trainable())
+    assert all(not p.grad.any() for p in job.model.projector.parameters())
 
 
 # ----------------------------------------------------------------------------- labels on real rows

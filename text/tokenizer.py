@@ -22,7 +22,8 @@ conversation has none, as the template does), Llama-3, Llama-2 chat (its hub tem
 v1 (LLaVA's conv_vicuna_v1: "<s>{system} USER: {user} ASSISTANT: {answer}</s>USER: {user}
 ASSISTANT:"; a missing or empty system message is LLaVA's, as LLaVA always writes one), and for
 base models without any of them a plain "role: content" format of our own. The format is read
-off tokenizer_config.json's chat_template (ChatML, Llama-3, Llama-2) or chosen by name
+off the chat template (ChatML, Llama-3, Llama-2): chat_template.jinja, where transformers saves it
+now and which wins as in transformers, else tokenizer_config.json's entry; or chosen by name
 (load_tokenizer's chat_format, train.py's --chat-format); Vicuna has no template to detect.
 """
 import base64
@@ -38,8 +39,8 @@ from text.sentencepiece import SentencePieceBPE, is_sentencepiece_bpe
 from weights.checkpoint import CheckpointError, resolve_checkpoint
 from weights.offline import gpt2_ranks_path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "config.json",
-                   "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model",
+                   "config.json", "generation_config.json")
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # GPT-2's pattern after the Digits pre-tokenizer: a digit is a piece, and it ends the piece before
@@ -107,7 +108,10 @@ class Tokenizer:
         return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
 
     def decode(self, ids) -> str:
-        return self.enc.decode(list(ids), errors="replace")
+        """Ids past the vocabulary are skipped, as the reference does: a model's embedding may
+        be padded beyond its tokenizer (Qwen2's 151936 rows hold 151646 tokens), and an
+        untrained model can generate those ids."""
+        return self.enc.decode([i for i in ids if i < self.vocab_size], errors="replace")
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's chat template writes it."""
@@ -198,12 +202,14 @@ def load_tokenizer(name_or_path, chat_format: str = "auto") -> Tokenizer:
         return value
 
     template = tok_cfg.get("chat_template")
+    if (folder / "chat_template.jinja").is_file():   # where transformers now saves it; it wins
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if chat_format == "auto":
         chat_format = detect_chat_format(specials, template)
     check_chat_format(chat_format, specials, token("bos"), token("eos"), folder)
     gen_eos = gen_cfg.get("eos_token_id", [])
     return Tokenizer(enc, specials, chat_format, bos=token("bos"), eos=token("eos"), pad=token("pad"),
-                     default_system=default_system(tok_cfg.get("chat_template"), chat_format),
+                     default_system=default_system(template, chat_format),
                      extra_stop_ids=gen_eos if isinstance(gen_eos, list) else [gen_eos],
                      always_split=always_split, nfc=nfc)
 

@@ -3,6 +3,7 @@ Where a run executes: the device, the distributed process group, bf16 autocast, 
 peak FLOP/s (for MFU), and stopping cleanly on SIGINT / SIGTERM. train.py builds one Env from
 the resolved config and calls these in one line each.
 """
+import functools
 import json
 import os
 import signal
@@ -69,12 +70,18 @@ class Env:
 
 
 def peak_flops(device: torch.device, dtype: str) -> float:
-    """The device's dense peak: looked up for known GPUs, measured once on CPU (the best of a
-    few 2048^3 matmuls in the training dtype, after warm-ups)."""
+    """The device's dense peak: looked up for known GPUs, measured on CPU (cpu_peak_flops)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
         return peak if dtype == "bf16" else peak / 2
+    return cpu_peak_flops(dtype, torch.get_num_threads())
+
+
+@functools.cache
+def cpu_peak_flops(dtype: str, threads: int) -> float:
+    """The best of a few 2048^3 matmuls in the training dtype, after warm-ups: measured once per
+    process for each dtype and thread count (it takes about 2 s on one thread)."""
     t = torch.bfloat16 if dtype == "bf16" else torch.float32
     n = 2048
     gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
