@@ -26,13 +26,13 @@ statements made from a complete caption (matching_statement): true, or with one 
 import argparse
 import importlib.util
 import json
-import os
 import random
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from weights.checkpoint import save_json
+from weights.offline import cache_dir
 from data.dataset import IMAGE, DataError
 
 SHAPES = ("circle", "rectangle", "triangle")
@@ -87,8 +87,7 @@ def package_root() -> Path:
 
 
 def default_out_dir() -> Path:
-    cache = os.environ.get("VLM_ADAPTERS_CACHE") or Path.home() / ".cache" / "vlm-adapters"
-    return Path(cache) / "easy-vqa"
+    return cache_dir() / "easy-vqa"
 
 
 def read_split(root: Path, split: str) -> tuple[dict[int, list[tuple[int, str, str]]], list[int]]:
