@@ -902,22 +902,20 @@ def test_stage2_on_easyvqa_validates_on_balanced_yes_no_too(assets, tmp_path, ma
     assert result["n"] == 4 and 0.0 <= result["yesno_balanced_accuracy"] <= 1.0
 
 
-def test_easyvqa_stage2_trains_on_balanced_rows_and_random_views_by_default(assets, tmp_path):
-    """Without --data, stage 2 trains on vqa-balanced_train (yes/no balanced per template) and
-    on random views of the images: the same rows give the same views (resume repeats them), and
-    the pixels differ from the plain ones. --no-balance-yesno trains on every row; with --data,
-    augmentation is off unless --augment asks for it; stage 0 inherits the choice."""
-    assert resolve(parse_args([])).augment is True
-    assert resolve(parse_args(["--data", "x.json", "--image-root", "r"])).augment is False
-    assert resolve(parse_args(["--data", "x.json", "--image-root", "r", "--augment"])).augment
-    assert stage0_config(resolve(parse_args(["--no-augment"]))).augment is False
+def test_easyvqa_stage2_trains_on_balanced_rows_and_random_views_on_request(assets, tmp_path):
+    """Without --data, stage 2 trains on vqa-balanced_train (yes/no balanced per template);
+    --no-balance-yesno trains on every row. --augment trains on random views of the images: the
+    same rows give the same views (resume repeats them), and the pixels differ from the plain
+    ones; stage 0 inherits the choice."""
+    assert resolve(parse_args([])).augment is False
+    assert stage0_config(resolve(parse_args(["--augment"]))).augment is True
     assert stage_data(resolve(parse_args([]))).train.name == "vqa-balanced_train.json"
     assert stage_data(resolve(parse_args(["--no-balance-yesno"]))).train.name == "vqa_train.json"
     argv = flags(assets, tmp_path, 2, "mwa", 1)
     for name in ("--data", "--val-data", "--image-root"):
         del argv[argv.index(name):argv.index(name) + 2]
-    _, _, job = tiny.job_for(argv)
-    _, _, plain = tiny.job_for(argv + ["--no-augment"])
+    _, _, job = tiny.job_for(argv + ["--augment"])
+    _, _, plain = tiny.job_for(argv)
     assert job.samples[0].id == plain.samples[0].id
     assert torch.equal(job.batch([0, 1])["pixels"], job.batch([0, 1])["pixels"])
     assert not torch.equal(job.batch([0, 1])["pixels"], plain.batch([0, 1])["pixels"])

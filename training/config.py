@@ -69,11 +69,11 @@ class TrainConfig:
                                      "question template, as many 'yes' as 'no' (the colour and "
                                      "shape rows unchanged), so the question alone predicts "
                                      "nothing; --no-balance-yesno: every training row")
-    augment: bool | None = flag(None, "train on random views of the images (mirrored, rotated, "
-                                      "scaled, shifted, background tinted: image_processor."
-                                      "random_view), for renderings the data never shows; "
-                                      "validation sees them as they are. Unset = on for easy-vqa, "
-                                      "off with --data")
+    augment: bool = flag(False, "train on random views of the images (orientation, small "
+                                "rotation, scale, shift, background tint: image_processor."
+                                "random_view), for renderings the data never shows; validation "
+                                "sees them as they are. Off by default: with it, the default "
+                                "1,500-step stage 0 reached 65%% caption top-1, not 98%%")
     image_root: str = flag("", "the folder --data's (and --val-data's) image paths are relative to")
     val_data: str = flag("", "validation JSON; empty = easy-vqa's validation file (none with --data)")
     out_dir: str = flag("runs", "runs go to OUT_DIR/<adapter>/stage<N>, OUT_DIR/stage0 and "
@@ -192,8 +192,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
     compile = cfg.compile if cfg.compile != "auto" else \
         "yes" if device == "cuda" and cfg.shard == "ddp" else "no"
-    augment = not cfg.data if cfg.augment is None else cfg.augment
-    return replace(cfg, device=device, dtype=dtype, compile=compile, augment=augment,
+    return replace(cfg, device=device, dtype=dtype, compile=compile,
                    lr_adapter=cfg.lr_adapter or cfg.lr, steps=cfg.steps or defaults["steps"],
                    batch_size=cfg.batch_size or defaults["batch_size"])
 
