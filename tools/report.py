@@ -27,7 +27,7 @@ from pathlib import Path
 
 from data.dataset import load_conversations
 from data.easyvqa import prepare_easyvqa
-from evaluation.scoring import question_only_answers, score_answers
+from eval import question_only
 from training.progress import plot_curves
 from vlm import ADAPTERS
 
@@ -62,12 +62,10 @@ def dig(d, *keys):
 
 
 def blind_baseline() -> dict:
-    """The question-only ("blind") VQA baseline on the whole easy-vqa test split, scored as
-    eval.py scores open-ended answers (evaluation.scoring.question_only_answers)."""
+    """The question-only ("blind") VQA baseline on the whole easy-vqa test split (eval.py's
+    question_only, scored as eval.py scores open-ended answers)."""
     files = prepare_easyvqa()
-    train = load_conversations(files["vqa_train"], files["image_root"])[0]
-    test = load_conversations(files["vqa_test"], files["image_root"])[0]
-    return score_answers(test, question_only_answers(train, test))
+    return question_only(load_conversations(files["vqa_test"], files["image_root"])[0])
 
 
 def vqa_table(runs: Path) -> str:
