@@ -6,6 +6,7 @@ frozen LLM's text-only perplexity, and image-text retrieval for stage-0 / retrie
     python eval.py --checkpoint runs/crome/stage2 --limit 500     # a fixed random 500 rows
     python eval.py --checkpoint runs/iaa/stage3 --text-ppl        # + text-only perplexity
     python eval.py --checkpoint runs/crome/stage2 --kind mc       # easy-vqa's multiple choice
+    python eval.py --checkpoint runs/crome/stage2 --kind choice   # stage 3's task, before stage 3
     python eval.py --checkpoint runs/crome/stage2 --kind yesno-balanced   # yes/no, 50% blind
     python eval.py --checkpoint runs/crome/stage2 --data my.json --image-root images/
     python eval.py --checkpoint runs/crome/stage2 --image photo.png --prompt "What shape is this?"
@@ -29,9 +30,11 @@ Which rows get which metric:
   captions          every other row of a stage-1 run: exact match after normalize_answer.
   open-ended        every other row: normalised exact match (the VQA convention, simplified),
                     overall and per question type (the row's "type" field when present). On
-                    easy-vqa, also "question_only": the blind baseline on the same rows (each
-                    question answered as its text most often is in training), so an accuracy
-                    always stands next to what the language prior alone gets there.
+                    easy-vqa's questions, also "question_only": the blind baseline on the same
+                    rows (each question answered as its text most often is in training), so an
+                    accuracy always stands next to what the language prior alone gets there.
+                    Stage 3's choice rows (--kind choice) are scored the same way: the
+                    option's text, exact match; not looking scores 25% there by construction.
 Multi-turn rows: each assistant turn is one question, answered given the row's earlier turns as
 they are (teacher-forced history, data.dataset.turn_samples) and scored like any other row; the
 turns of multi-turn rows are also scored together under "multi_turn". Text-only rows (no image)
@@ -325,8 +328,12 @@ def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
     return files[f"{kind}_{args.split}"], files["image_root"], name
 
 
-def is_easyvqa(args, saved_train: dict) -> bool:
-    return not args.data and not saved_train["data"]
+def is_easyvqa_questions(args, saved_train: dict) -> bool:
+    """Evaluating easy-vqa's own questions (its vqa or yesno-balanced files), where the
+    question-only baseline applies; on the choice task not looking scores 25% by construction
+    (data.easyvqa.choice_question)."""
+    kind = args.kind or training_kind(saved_train)
+    return not args.data and not saved_train["data"] and kind in ("vqa", "yesno-balanced")
 
 
 def question_only(questions) -> dict:
@@ -343,7 +350,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="a stage 1-3 run directory, or a stage-0 / retrieval one for retrieval")
     p.add_argument("--split", choices=["val", "test"], default="test")
-    p.add_argument("--kind", choices=["captions", "vqa", "mc", "yesno-balanced"],
+    p.add_argument("--kind", choices=["captions", "vqa", "mc", "choice", "yesno-balanced"],
                    help="which easy-vqa file (default: the one the run's stage trained on); "
                         "e.g. --kind mc scores a stage-2 model on multiple choice, --kind "
                         "yesno-balanced on the yes/no questions balanced per template (a "
@@ -382,7 +389,7 @@ def subset(rows, limit):
 def retrieval_main(args, run, saved, device) -> dict:
     """Retrieval metrics of a stage-0 or retrieval run on its captions split, written to disk."""
     if args.image or args.text_ppl or args.kind not in (None, "captions"):
-        raise SystemExit("--image/--prompt, --text-ppl and --kind vqa/mc are for stage 1-3 runs")
+        raise SystemExit("--image/--prompt, --text-ppl and --kind vqa/mc/choice are for stage 1-3 runs")
     model, processor, wordpiece = load_retrieval_run(run, device)
     data, root, name = eval_data(saved["train"], args)
     samples = subset(complete_captions(load_conversations(data, root)[0]), args.limit)
@@ -425,7 +432,7 @@ def main(argv=None) -> dict:
     questions = turn_samples(rows)
     print(f"evaluating {run} on {data}: {len(rows)} rows, {len(questions)} questions", flush=True)
     metrics, records = evaluate(answerer, questions, saved["train"]["stage"])
-    if "open_ended" in metrics and is_easyvqa(args, saved["train"]):
+    if "open_ended" in metrics and is_easyvqa_questions(args, saved["train"]):
         metrics["question_only"] = question_only(questions)
     if args.text_ppl:
         metrics["text_ppl"] = text_ppl_report(parts, saved["backbones"]["llm"], bf16)

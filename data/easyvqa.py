@@ -4,8 +4,15 @@ out in the conversation format of data/dataset.py, for every training stage:
 
     captions_{split}.json  stage 0/1  "<image>\\nDescribe the image." -> "a red circle"
     vqa_{split}.json       stage 2    the package's questions -> its one-word answers, with "type"
-    mc_{split}.json        stage 3    the same questions as lettered multiple choice (the
-                                      ScienceQA prompt of LLaVA), answer = the letter
+    mc_{split}.json                   the same questions as lettered multiple choice (the
+                                      ScienceQA prompt of LLaVA), answer = the letter: eval.py
+                                      --kind mc (SmolLM2-135M cannot map a known answer to its
+                                      letter, see eval.py --letter-probe, so it is not stage 3's)
+    choice_{split}.json    stage 3    a task the stage-2 data never asks: pick the image's
+                                      colour-shape pair among four, answered with the option's
+                                      text (choice_question); choice_train also replays as many
+                                      stage-2 rows, so the adapter learns the task without
+                                      forgetting the questions of stage 2
     yesno-balanced_{val,test}.json    the split's yes/no rows, balanced per question template
                                       (as many "yes" as "no" rows of each): a question-only
                                       model scores 50% on it, so it measures looking
@@ -38,13 +45,14 @@ from data.dataset import IMAGE, DataError
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 CAPTION_PROMPT = "Describe the image."
+CHOICE_INSTRUCTION = "Answer with the option's text."
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGH"
 
 
 # The file family each kind of run trains on: stage 0 and retrieval on captions, 1 captions,
-# 2 open-ended VQA, 3 multiple choice.
-TRAINING_FILES = {0: "captions", 1: "captions", 2: "vqa", 3: "mc", "retrieval": "captions"}
+# 2 open-ended VQA, 3 the choice task.
+TRAINING_FILES = {0: "captions", 1: "captions", 2: "vqa", 3: "choice", "retrieval": "captions"}
 
 
 def training_kind(train_cfg: dict) -> str:
@@ -170,12 +178,32 @@ def multiple_choice(row_id: str, question: str, answer: str) -> tuple[str, list[
     return f"{question}\nOptions: {listed}\n{MC_INSTRUCTION}", options, LETTERS[options.index(answer)]
 
 
+def choice_question(row_id: str, color: str, shape: str) -> tuple[str, list[str], str]:
+    """Stage 3's task: (prompt, options, answer). The options are the four pairs of two colours
+    (the image's and another) and two shapes (the image's and another), in random order, so
+    each option shares one attribute with two others: only the image tells them apart, and a
+    model that does not look scores 25%. Seeded by the row id, as multiple_choice."""
+    rng = random.Random(row_id)
+    colors = [color, rng.choice([c for c in COLORS if c != color])]
+    shapes = [shape, rng.choice([s for s in SHAPES if s != shape])]
+    options = [f"a {c} {s}" for c in colors for s in shapes]
+    rng.shuffle(options)
+    listed = ", ".join(options[:-1]) + " or " + options[-1]
+    return (f"Which of these is in the image: {listed}?\n{CHOICE_INSTRUCTION}", options,
+            f"a {color} {shape}")
+
+
+def with_replay(task: list[dict], replay: list[dict], seed: int = 0) -> list[dict]:
+    """The task rows, then as many rows drawn (seeded) from the previous stage's."""
+    return task + random.Random(seed).sample(replay, min(len(task), len(replay)))
+
+
 def build_rows(root: Path) -> tuple[dict[str, dict[str, list]], dict[str, int]]:
     """All rows per file kind and split, and how many images lack a shape / colour / both."""
     known = set((root / "answers.txt").read_text(encoding="utf-8").split())
     if known != set(SHAPES) | set(COLORS) | {"yes", "no"}:
         raise DataError(f"{root}/answers.txt lists unexpected answers {sorted(known)}")
-    rows = {kind: defaultdict(list) for kind in ("captions", "vqa", "mc")}
+    rows = {kind: defaultdict(list) for kind in ("captions", "vqa", "mc", "choice")}
     gaps = {"no shape": 0, "no colour": 0, "neither (no caption)": 0}
     for package_split in ("train", "test"):
         by_image, image_ids = read_split(root, package_split)
@@ -191,6 +219,11 @@ def build_rows(root: Path) -> tuple[dict[str, dict[str, list]], dict[str, int]]:
                                                    CAPTION_PROMPT, caption))
             else:
                 gaps["neither (no caption)"] += 1
+            if shape and color:
+                row_id = f"{package_split}-{image_id}-choice"
+                prompt, options, answer = choice_question(row_id, color, shape)
+                rows["choice"][split].append(row(row_id, image, prompt, answer, type="choice",
+                                                 options=options))
             for index, question, answer in by_image[image_id]:
                 row_id = f"{package_split}-{image_id}-q{index}"
                 kind = question_type(answer)
@@ -200,11 +233,12 @@ def build_rows(root: Path) -> tuple[dict[str, dict[str, list]], dict[str, int]]:
                                              options=options, answer_text=answer))
     rows["yesno-balanced"] = {split: balanced_yesno(rows["vqa"][split]) for split in ("val", "test")}
     rows["vqa-balanced"] = {"train": balanced_vqa(rows["vqa"]["train"])}
+    rows["choice"]["train"] = with_replay(rows["choice"]["train"], rows["vqa-balanced"]["train"])
     return rows, gaps
 
 
 def prepare_easyvqa(out_dir=None) -> dict[str, Path]:
-    """Write the 12 files (idempotent: same content on every run; atomic writes) and return
+    """Write the 15 files (idempotent: same content on every run; atomic writes) and return
     {"captions_train": path, ..., "yesno-balanced_test": path, "image_root": folder}."""
     root = package_root()
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()

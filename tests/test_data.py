@@ -9,11 +9,12 @@ from PIL import Image
 
 from data.collate import ImageCache
 from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
-from data.easyvqa import (COLORS, LETTERS, SHAPES, matching_statement, multiple_choice,
-                          package_root, prepare_easyvqa, question_template)
+from data.easyvqa import (COLORS, LETTERS, SHAPES, TRAINING_FILES, choice_question,
+                          matching_statement, multiple_choice, package_root, prepare_easyvqa,
+                          question_template)
 from image_processor import ImageProcessor, random_view
 
-KINDS, SPLITS = ("captions", "vqa", "mc"), ("train", "val", "test")
+KINDS, SPLITS = ("captions", "vqa", "mc", "choice"), ("train", "val", "test")
 
 
 # ---- the easy-vqa converter, on the real package ----------------------------------------
@@ -48,6 +49,7 @@ def test_counts_and_splits(prepared, rows):
     for s in SPLITS:
         assert images["mc", s] == images["vqa", s]
         assert images["captions", s] <= images["vqa", s]
+        assert {r["image"] for r in rows["choice", s] if r["type"] == "choice"} <= images["captions", s]
         assert len(images["captions", s]) == len(rows["captions", s])  # one caption per image
         assert len(rows["captions", s]) > 0.95 * len(images["vqa", s])
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
@@ -185,6 +187,47 @@ def test_multiple_choice_letter_points_at_answer(rows):
     assert letters == {"yes/no": set("AB"), "shape": set("ABC"), "color": set("ABCD")}
     assert multiple_choice("x-1-q2", "what color is the shape?", "red") == \
         multiple_choice("x-1-q2", "what color is the shape?", "red")
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_choice_task_needs_the_image(rows, split):
+    """Stage 3's task: four options, the two colours x two shapes, so each shares one attribute
+    with exactly two others and nothing but the image singles the answer out; the answer is
+    the image's complete caption, and it sits at each position about as often."""
+    captions = {r["image"]: r["conversations"][1]["value"] for r in rows["captions", split]}
+    complete = {i for i, c in captions.items() if len(c.split()) == 3 and "shape" not in c}
+    choice = rows["choice", split]
+    assert {r["image"] for r in choice} == complete and len(choice) == len(complete)
+    positions = defaultdict(int)
+    for r in choice:
+        options, answer = r["options"], r["conversations"][1]["value"]
+        assert answer == captions[r["image"]] and r["type"] == "choice"
+        assert len({o.split()[1] for o in options}) == len({o.split()[2] for o in options}) == 2
+        assert len(set(options)) == 4
+        for o in options:
+            shared = [p for p in options if p != o and
+                      sum(a == b for a, b in zip(o.split()[1:], p.split()[1:])) == 1]
+            assert len(shared) == 2
+        listed = ", ".join(options[:-1]) + " or " + options[-1]
+        assert r["conversations"][0]["value"] == \
+            f"<image>\nWhich of these is in the image: {listed}?\nAnswer with the option's text."
+        positions[options.index(answer)] += 1
+    assert all(0.15 < positions[i] / len(choice) < 0.35 for i in range(4)), positions
+    assert choice_question("x-1-choice", "red", "circle") == choice_question("x-1-choice", "red", "circle")
+
+
+def test_choice_training_file_replays_as_many_stage2_rows(prepared, rows):
+    """Stage 3 trains on the choice task (the default easy-vqa file of stage 3) plus as many
+    rows of stage 2's training file, all from training images."""
+    assert TRAINING_FILES[3] == "choice"
+    train = rows["choice", "train"]
+    task = [r for r in train if r["type"] == "choice"]
+    stage2 = {r["id"]: r for r in json.loads(prepared["vqa-balanced_train"].read_text())}
+    replay = [r for r in train if r["type"] != "choice"]
+    assert len(task) == len(replay) > 2000 and train[:len(task)] == task
+    assert all(stage2[r["id"]] == r for r in replay) and len({r["id"] for r in replay}) == len(replay)
+    train_images = {r["image"] for r in rows["vqa", "train"]}
+    assert {r["image"] for r in train} <= train_images
 
 
 # ---- conversation files: validation ------------------------------------------------------

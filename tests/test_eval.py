@@ -297,5 +297,14 @@ def test_kind_picks_the_easyvqa_file_and_names_the_output():
     args = ev.parse_args(["--checkpoint", "x", "--kind", "mc", "--split", "val"])
     path, _, name = ev.eval_data({"data": "", "stage": 2}, args)
     assert (path.name, name) == ("mc_val.json", "mc_val")
+    path, _, name = ev.eval_data({"data": "", "stage": 3}, ev.parse_args(["--checkpoint", "x"]))
+    assert (path.name, name) == ("choice_test.json", "test")   # stage 3's easy-vqa task
+    path, _, name = ev.eval_data({"data": "", "stage": 2}, ev.parse_args(
+        ["--checkpoint", "x", "--kind", "choice"]))
+    assert (path.name, name) == ("choice_test.json", "choice_test")
+    baseline = lambda stage, *flags: ev.is_easyvqa_questions(                 # noqa: E731
+        ev.parse_args(["--checkpoint", "x", *flags]), {"data": "", "stage": stage})
+    assert baseline(2) and baseline(2, "--kind", "yesno-balanced")
+    assert not baseline(3) and not baseline(2, "--kind", "choice")
     with pytest.raises(SystemExit):
         ev.parse_args(["--checkpoint", "x", "--kind", "ocr"])

@@ -24,15 +24,12 @@ def test_vqa_row_reads_each_number_from_its_file(tmp_path, monkeypatch):
         "text_ppl": {"base_llm": 60.126, "text_only": 60.126}}})
     write(s2 / "eval_mc_test.json", {"metrics": {"multiple_choice": {
         "option_likelihood": {"accuracy": 0.8}}}})
-    write(s3 / "eval_test.json", {"metrics": {"multiple_choice": {
-        "letter_extraction": {"accuracy": 0.25}, "letter_likelihood": {"accuracy": 0.5},
-        "option_likelihood": {"accuracy": 0.75}}}})
     table = report.vqa_table(tmp_path)
     row = next(line for line in table.splitlines() if line.startswith("| IAA-8 "))
     assert row == ("| IAA-8 | 250 (25.0%) | 61 s | 3.2 | 123 | 91.2% (100.0% / 95.0% / 87.5%) | "
-                   "80.0% | 25.0% / 50.0% / 75.0% | 60.13 -> 60.13 |")
+                   "80.0% | 60.13 -> 60.13 |")
     crome = next(line for line in table.splitlines() if line.startswith("| CROME "))
-    assert crome.count(" - ") >= 6                 # no run: dashes, not zeros
+    assert crome.count(" - ") >= 5                 # no run: dashes, not zeros
     assert "| question only (blind), the whole test split | 0 |" in table
     assert "50.0% (10.0% / 30.0% / 80.0%)" in table
     assert "Test rows per evaluation: 40;" in table
@@ -51,6 +48,21 @@ def test_looking_row_puts_each_accuracy_beside_the_question_only_one(tmp_path):
     table = report.looking_table(tmp_path)
     assert table.splitlines()[2:] == [
         "| MWA | 300 s | 90.0% (100.0% / 80.0% / 95.0%) | 68.0% | 62.5% | 50.0% | 75.0% |"]
+
+
+def test_stage3_row_shows_the_gain_on_its_task_and_the_cost_on_stage2(tmp_path):
+    s2, s3 = tmp_path / "crome" / "stage2", tmp_path / "crome" / "stage3"
+    oe = lambda acc: {"metrics": {"open_ended": {"accuracy": acc}}}  # noqa: E731
+    write(s3 / "result.json", {"wall_s": 500.4})
+    write(s2 / "eval_choice_test.json", oe(0.1))
+    write(s3 / "eval_test.json", oe(0.95))
+    write(s2 / "eval_test.json", oe(0.98))
+    write(s3 / "eval_vqa_test.json", oe(0.975))
+    write(s2 / "eval_yesno-balanced_test.json", oe(0.97))
+    write(tmp_path / "iaa" / "stage2" / "eval_test.json", oe(0.5))     # no stage 3: no row
+    assert report.stage3_table(tmp_path).splitlines()[2:] == [
+        "| CROME | 500 s | 10.0% -> 95.0% (+85.0 points) | 98.0% -> 97.5% (-0.5 points) | "
+        "97.0% -> - |"]
 
 
 def test_retrieval_rows_and_loss_figure(tmp_path):

@@ -13,7 +13,10 @@ Where each number comes from (a missing file leaves its cells "-"):
   runs/<adapter>/stage2/eval_yesno-balanced_test.json   balanced yes/no (--kind yesno-balanced);
                                            with eval_test.json, the question-only accuracy on
                                            the same rows (eval.py's question_only)
-  runs/<adapter>/stage3/eval_test.json     multiple choice after stage 3, three ways
+  runs/<adapter>/stage2/eval_choice_test.json  stage 3's choice task before stage 3 (--kind choice)
+  runs/<adapter>/stage3/eval_test.json     the choice task after stage 3; eval_vqa_test.json and
+                                           eval_yesno-balanced_test.json: stage 2's questions
+                                           after stage 3 (--kind vqa, --kind yesno-balanced)
   easy-vqa's own files                     the question-only (blind) baseline row
   runs/stage0, runs/retrieval/<adapter>: eval_retrieval_test.json (R@K, trainable share),
                                            metrics.jsonl (training time of the one epoch)
@@ -71,19 +74,14 @@ def blind_baseline() -> dict:
 def vqa_table(runs: Path) -> str:
     head = ("| model | trainable params (stage 2) | stage-2 wall time | samples/s | tokens/s | "
             "open-ended test acc. (colour / shape / yes-no) | MC by option likelihood, stage 2 | "
-            "MC after stage 3 (letter / letter likelihood / option likelihood) | "
-            "text-only perplexity (base -> model) |\n|---|---:|---:|---:|---:|---|---:|---|---|")
+            "text-only perplexity (base -> model) |\n|---|---:|---:|---:|---:|---|---:|---|")
     rows = [head]
     for a in ADAPTERS:
-        s2, s3 = runs / a / "stage2", runs / a / "stage3"
+        s2 = runs / a / "stage2"
         result, log = read(s2 / "result.json") or {}, last_logged(s2)
-        vqa, mc2, mc3 = read(s2 / "eval_test.json"), read(s2 / "eval_mc_test.json"), \
-            read(s3 / "eval_test.json")
+        vqa, mc2 = read(s2 / "eval_test.json"), read(s2 / "eval_mc_test.json")
         oe = dig(vqa, "metrics", "open_ended") or {}
         per_type = " / ".join(pct(oe.get(f"accuracy_{t}")) for t in ("color", "shape", "yes/no"))
-        mc = dig(mc3, "metrics", "multiple_choice") or {}
-        stage3 = " / ".join(pct(dig(mc, k, "accuracy")) for k in
-                            ("letter_extraction", "letter_likelihood", "option_likelihood"))
         ppl = dig(vqa, "metrics", "text_ppl")
         text = "-" if not ppl else f"{ppl['base_llm']:.2f} -> {ppl['text_only']:.2f}"
         trainable = result.get("trainable_params")
@@ -93,11 +91,11 @@ def vqa_table(runs: Path) -> str:
             f"{num(result.get('wall_s'), '{:.0f} s')} | {num(log.get('samples_per_s'), '{:.1f}')} | "
             f"{num(log.get('tokens_per_s'), '{:.0f}')} | {pct(oe.get('accuracy'))} ({per_type}) | "
             f"{pct(dig(mc2, 'metrics', 'multiple_choice', 'option_likelihood', 'accuracy'))} | "
-            f"{stage3} | {text} |")
+            f"{text} |")
     blind = blind_baseline()
     rows.append(f"| question only (blind), the whole test split | 0 | - | - | - | "
                 f"{pct(blind['accuracy'])} ({' / '.join(pct(blind[f'accuracy_{t}']) for t in ('color', 'shape', 'yes/no'))}) "
-                f"| - | - | - |")
+                f"| - | - |")
     sizes = {dig(read(runs / a / "stage2" / "eval_test.json"), "metrics", "n") for a in ADAPTERS}
     rows.append(f"\nTest rows per evaluation: {', '.join(str(n) for n in sorted(sizes - {None}))}; "
                 f"the easy-vqa package's CNN+LSTM baseline: {pct(EASYVQA_BASELINE)} open-ended.")
@@ -125,6 +123,30 @@ def looking_table(runs: Path) -> str:
                     f"{pct(dig(balanced, 'metrics', 'open_ended', 'accuracy'))} | "
                     f"{pct(dig(balanced, 'metrics', 'question_only', 'accuracy'))} | "
                     f"{pct(val.get('yesno_balanced_accuracy'))} |")
+    return "\n".join(rows)
+
+
+def stage3_table(runs: Path) -> str:
+    """Per model with a stage-3 run: what task fine-tuning gains on its task (the choice task,
+    test split) and what it costs on stage 2's test questions, each before -> after."""
+    rows = ["| model | stage-3 wall time | choice task test: stage 2 -> stage 3 | open-ended test: "
+            "stage 2 -> stage 3 | balanced yes/no test: stage 2 -> stage 3 |\n|---|---:|---|---|---|"]
+
+    def change(before, after) -> str:
+        if before is None or after is None:
+            return f"{pct(before)} -> {pct(after)}"
+        return f"{pct(before)} -> {pct(after)} ({100 * (after - before):+.1f} points)"
+
+    def accuracy(path):
+        return dig(read(path), "metrics", "open_ended", "accuracy")
+    for a in ADAPTERS:
+        s2, s3 = runs / a / "stage2", runs / a / "stage3"
+        if not (s3 / "result.json").is_file():
+            continue
+        rows.append(f"| {NAMES[a]} | {num(read(s3 / 'result.json').get('wall_s'), '{:.0f} s')} | "
+                    f"{change(accuracy(s2 / 'eval_choice_test.json'), accuracy(s3 / 'eval_test.json'))} | "
+                    f"{change(accuracy(s2 / 'eval_test.json'), accuracy(s3 / 'eval_vqa_test.json'))} | "
+                    f"{change(accuracy(s2 / 'eval_yesno-balanced_test.json'), accuracy(s3 / 'eval_yesno-balanced_test.json'))} |")
     return "\n".join(rows)
 
 
@@ -200,7 +222,8 @@ def main(argv=None):
         print(gpu_table(Path(args.gpu)))
         return
     runs = Path(args.runs)
-    print(looking_table(runs) + "\n\n" + vqa_table(runs) + "\n\n" + retrieval_table(runs))
+    print("\n\n".join(table(runs) for table in (looking_table, stage3_table, vqa_table,
+                                                 retrieval_table)))
     figures(runs, Path(args.docs))
 
 

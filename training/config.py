@@ -30,7 +30,7 @@ class TrainConfig:
                            "feature layer, image tokens, lengths, learning rates, steps and "
                            "batch sizes at once; flags given override its values")
     stage: int = flag(2, "0 offline vision pretraining, 1 captions, 2 VQA instructions, "
-                         "3 task fine-tuning (multiple choice)", [0, 1, 2, 3])
+                         "3 task fine-tuning (easy-vqa: the choice task)", [0, 1, 2, 3])
     task: str = flag("vqa", "vqa (stages 0-3) or retrieval (MWA's paper setting; --stage does "
                             "not apply)", ["vqa", "retrieval"])
     adapter: str = flag("crome", "the design (crome, iaa, mwa) or a baseline (llava: the "
