@@ -149,6 +149,24 @@ class KVCache:
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
 
+class PrefixCache:
+    """The keys and values of a prefix every row of a batch shares, computed for one row and
+    broadcast to all: KVCache's read side for training, where each layer attends to the prefix
+    and then the new positions' own keys. Nothing is written in place, so autograd runs through
+    the new positions as usual; the prefix itself carries no gradient."""
+
+    def __init__(self, cache: KVCache):
+        """From a KVCache of batch 1 filled exactly to its max_len."""
+        self.k, self.v, self.pos = cache.k, cache.v, cache.pos
+
+    def update(self, layer, k, v):
+        """k, v (B, n_kv, T, hd) -> the prefix's and theirs, (B, n_kv, pos + T, hd)."""
+        B = k.shape[0]
+        prefix_k = self.k[layer].to(k.dtype).expand(B, -1, -1, -1)       # (B, n_kv, pos, hd)
+        prefix_v = self.v[layer].to(v.dtype).expand(B, -1, -1, -1)
+        return torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (n_kv_head <= n_head), fused q/k/v."""
 
@@ -283,6 +301,13 @@ class LLM(nn.Module):
         cfg, ref = self.config, self.wte.weight
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim,
                        dtype or ref.dtype, device or ref.device)
+
+    @torch.no_grad()
+    def prefix_cache(self, ids) -> PrefixCache:
+        """The keys and values of the token ids (P,), for rows that all begin with them."""
+        cache = self.new_cache(1, len(ids))
+        self(idx=ids[None], cache=cache, logits_at=torch.zeros_like(ids[None], dtype=torch.bool))
+        return PrefixCache(cache)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens=64, attn_mask=None, **sampling):

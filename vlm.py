@@ -198,6 +198,12 @@ class VLM(nn.Module):
         image, text = self.adapter(image, self.qformer_proj(queries))
         return torch.cat([image, text], dim=1)                               # (B, Ni+Q, d)
 
+    def prefix_is_frozen(self):
+        """Whether text positions run through frozen weights alone: the LLM path of CROME and
+        LLaVA, and of full fine-tuning while its LLM is frozen (not IAA's own embedding and
+        layers, nor MWA's adapters, which sit inside the LLM's blocks)."""
+        return self.cfg.adapter != "iaa" and not any(p.requires_grad for p in self.llm.parameters())
+
     def vision_trains(self):
         return any(p.requires_grad for p in self.vision.parameters())
 
@@ -224,13 +230,18 @@ class VLM(nn.Module):
         return self.llm(idx=idx, inputs_embeds=inputs_embeds, ways=ways, **kw)
 
     def forward(self, batch):
-        """Mean cross-entropy over the answer tokens (labels != -100)."""
-        x = self.embed(batch)
-        labels = batch["labels"]
+        """Mean cross-entropy over the answer tokens (labels != -100). The rows' shared opening
+        (batch["shared_prefix"] tokens, data.collate.shared_prefix) runs once, without
+        gradient, where nothing trainable touches it: the same loss and gradients, fewer FLOPs."""
+        x = self.embed(batch)                                                 # (B, T, d)
+        labels, ways = batch["labels"], batch["image_mask"].long()
         at = torch.zeros_like(labels, dtype=torch.bool)
         at[:, :-1] = labels[:, 1:] != -100             # position t predicts token t+1
         targets = labels[:, 1:][labels[:, 1:] != -100]
-        logits = self.run_llm(x, batch["image_mask"].long(), logits_at=at)   # (N, V)
+        shared = batch.get("shared_prefix", 0) if self.prefix_is_frozen() else 0
+        cache = self.llm.prefix_cache(batch["input_ids"][0, :shared]) if shared else None
+        logits = self.run_llm(x[:, shared:], ways[:, shared:], logits_at=at[:, shared:],
+                              cache=cache)                                    # (N, V)
         loss = F.cross_entropy(logits.float(), targets)
         if "pixels" not in batch and self.training:
             # Text-only rows never reach the visual modules. Every trainable weight joins the

@@ -186,7 +186,28 @@ def vlm_batch(parts, pixels, images, questions, answers=None, max_len=None, row_
         first = [histories[i][0][0] if histories[i] else questions[i] for i in with_image]
         batch["instr_ids"], batch["instr_mask"] = parts.wordpiece(
             first, max_length=model.cfg.max_instruction_len)
+    if answers[0] is not None:
+        batch["shared_prefix"] = shared_prefix(batch)
     return batch
+
+
+def shared_prefix(batch) -> int:
+    """How many leading positions of a right-padded batch every row shares (same token, not an
+    image position, no logit needed there): the chat template's opening, e.g. ChatML's
+    "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n" (8 tokens of SmolLM2's 37 here).
+    VLM.forward computes it once when nothing trainable touches it."""
+    ids, labels = batch["input_ids"], batch["labels"]                       # (B, T)
+    T = ids.shape[1]
+    same = (ids == ids[:1]).all(0) & ~batch["image_mask"].any(0) & (labels == -100).all(0)
+    n = int(same.long().cumprod(0).sum())
+    if n < T and bool((labels[:, n] != -100).any()):
+        n -= 1      # position n-1 predicts the answer token n: its logit is needed
+    return max(0, min(n, T - 1))     # at least one position left to run
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors moved to device; its other values (counts) as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class ImageCache:

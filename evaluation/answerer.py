@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from data.collate import ImageCache, vlm_batch
+from data.collate import ImageCache, to_device, vlm_batch
 from evaluation.scoring import MC_LETTERS
 
 
@@ -33,7 +33,7 @@ class Answerer:
         histories' answers are not labelled)."""
         batch = vlm_batch(self.parts, self.pixels, images, questions, answers, self.max_len,
                           histories=histories)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return to_device(batch, self.device)
 
     def chunks(self, *columns):
         for i in range(0, len(columns[0]), self.batch_size):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.collate import ImageCache
+from data.collate import ImageCache, shared_prefix
 from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
 from data.easyvqa import (COLORS, LETTERS, SHAPES, TRAINING_FILES, choice_question,
                           matching_statement, multiple_choice, package_root, prepare_easyvqa,
@@ -228,6 +228,21 @@ def test_choice_training_file_replays_as_many_stage2_rows(prepared, rows):
     assert all(stage2[r["id"]] == r for r in replay) and len({r["id"] for r in replay}) == len(replay)
     train_images = {r["image"] for r in rows["vqa", "train"]}
     assert {r["image"] for r in train} <= train_images
+
+
+def test_shared_prefix_stops_before_images_differences_and_answers():
+    """data.collate.shared_prefix: the leading positions every row has alike, without an image
+    or a label there, and not the one that predicts the first answer token."""
+    batch = lambda ids, image, labels: {"input_ids": torch.tensor(ids),  # noqa: E731
+                                        "image_mask": torch.tensor(image, dtype=torch.bool),
+                                        "labels": torch.tensor(labels)}
+    no = [-100] * 5
+    assert shared_prefix(batch([[1, 2, 3, 4, 5], [1, 2, 9, 4, 5]], [[0] * 5] * 2, [no, no])) == 2
+    assert shared_prefix(batch([[1, 2, 3, 4, 5]] * 2, [[0, 0, 1, 0, 0]] * 2, [no, no])) == 2
+    answer = [-100, -100, -100, 4, 5]          # position 2 predicts the answer token 3
+    assert shared_prefix(batch([[1, 2, 3, 4, 5]] * 2, [[0] * 5] * 2, [answer, no])) == 2
+    assert shared_prefix(batch([[1, 2, 3, 4, 5]] * 2, [[0] * 5] * 2, [no, no])) == 4
+    assert shared_prefix(batch([[1, 2], [3, 2]], [[0] * 2] * 2, [no[:2], no[:2]])) == 0
 
 
 # ---- conversation files: validation ------------------------------------------------------

@@ -161,6 +161,33 @@ def test_baselines_train_what_they_claim(assets, tmp_path, main):
                         {k: v for k, v in state.items() if k.startswith("llm.")})
 
 
+@pytest.mark.parametrize("design", ["crome", "llava"])
+def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(assets, tmp_path, design):
+    """The rows' common chat opening runs once, without gradient (vlm.VLM.forward): the loss
+    and every gradient equal those of the whole sequence. Only where nothing trainable
+    touches text positions: not IAA (its own embedding and layers), MWA (adapters in the
+    blocks) or full fine-tuning's stage 2."""
+    _, _, job = tiny.job_for(flags(assets, tmp_path, 2, design, 1))
+    batch, model = job.batch([0, 1, 2, 3]), job.model.train()
+    assert model.prefix_is_frozen() and batch["shared_prefix"] >= 4
+
+    def loss_and_grads(shared):
+        torch.manual_seed(0)                       # the same dropout masks
+        model.zero_grad()
+        loss = model(dict(batch, shared_prefix=shared))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss, grads = loss_and_grads(0)
+    shared_loss, shared_grads = loss_and_grads(batch["shared_prefix"])
+    torch.testing.assert_close(shared_loss, loss)
+    assert shared_grads.keys() == grads.keys() and grads
+    for name, g in grads.items():
+        torch.testing.assert_close(shared_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    for other, stage in (("iaa", 2), ("mwa", 2), ("full", 2)):
+        assert not tiny.job_for(flags(assets, tmp_path, stage, other, 1))[2].model.prefix_is_frozen()
+    assert tiny.job_for(flags(assets, tmp_path, 1, "full", 1))[2].model.prefix_is_frozen()
+
+
 def test_stage3_without_stage2_exits_clearly(assets, tmp_path, main):
     with pytest.raises(SystemExit, match="stage 3 fine-tunes a stage-2 model: no checkpoint"):
         main(flags(assets, tmp_path, 3, "iaa"))
@@ -911,6 +938,9 @@ def test_easyvqa_stage2_trains_on_balanced_rows_and_random_views_on_request(asse
     assert stage0_config(resolve(parse_args(["--augment"]))).augment is True
     assert stage_data(resolve(parse_args([]))).train.name == "vqa-balanced_train.json"
     assert stage_data(resolve(parse_args(["--no-balance-yesno"]))).train.name == "vqa_train.json"
+    stage3 = stage_data(resolve(parse_args(["--stage", "3"])))   # the choice task, not letters
+    assert (stage3.train.name, stage3.val.name, stage3.balanced_val) == \
+        ("choice_train.json", "choice_val.json", None)
     argv = flags(assets, tmp_path, 2, "mwa", 1)
     for name in ("--data", "--val-data", "--image-root"):
         del argv[argv.index(name):argv.index(name) + 2]

@@ -22,14 +22,14 @@ import torch
 import torch.nn as nn
 
 from adapters import IAAConfig, MWAConfig
-from data.collate import ImageCache, vlm_batch
+from data.collate import ImageCache, to_device, vlm_batch
 from data.dataset import DataError, load_conversations, turn_samples
 from data.easyvqa import complete_captions, matching_statement, prepare_easyvqa, training_kind
 from dual_encoder import (CAPTION_TOKENS, OFFLINE_VIT, image_tokens, offline_dual_encoder,
                           retrieval_config, retrieval_model, stage0_trainable_, trainable_keys)
 from eval import evaluate_retrieval
 from evaluation.answerer import Answerer
-from evaluation.scoring import score_answers
+from evaluation.scoring import is_multiple_choice, score_answers
 from training.config import init_dir, stage0_dir
 from vit import ViTConfig
 from vlm import TRAINABLE, Parts, VLMConfig, build_vlm, load_components
@@ -244,7 +244,7 @@ def vlm_job(cfg, env) -> Job:
         batch = vlm_batch(parts, partial(pixels, rng=views(cfg, rows)), [s.image for s in rows], [s.turns[-1][0] for s in rows],
                           [s.turns[-1][1] for s in rows], cfg.max_len, [s.id for s in rows],
                           [s.turns[:-1] for s in rows], label_history=True)
-        batch = {k: v.to(env.device) for k, v in batch.items()}
+        batch = to_device(batch, env.device)
         return batch | {"tokens": int(batch["input_ids"].numel())}
 
     lrs = {"qformer": cfg.lr_qformer, "llm": cfg.lr_llm, "adapter": cfg.lr_adapter}
@@ -287,7 +287,8 @@ def answer_accuracy(parts, val, balanced, cfg) -> dict:
         turns = turn_samples(rows)
         predictions = answerer.generate([s.image for s in turns], [s.turns[-1][0] for s in turns],
                                         [s.turns[:-1] for s in turns])
-        return score_answers(turns, predictions, multiple_choice=cfg.stage == 3)
+        letters = bool(turns) and all(is_multiple_choice(s) for s in turns)  # e.g. users' MC
+        return score_answers(turns, predictions, multiple_choice=letters)
     result = accuracy(val) if val else {}
     if balanced:
         result["yesno_balanced_accuracy"] = accuracy(balanced)["accuracy"]
