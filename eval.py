@@ -33,8 +33,7 @@ Which rows get which metric:
                     easy-vqa's questions, also "question_only": the blind baseline on the same
                     rows (each question answered as its text most often is in training), so an
                     accuracy always stands next to what the language prior alone gets there.
-                    Stage 3's choice rows (--kind choice) are scored the same way: the
-                    option's text, exact match; not looking scores 25% there by construction.
+                    Stage 3's choice rows (--kind choice) too: not looking scores 25% there.
 Multi-turn rows: each assistant turn is one question, answered given the row's earlier turns as
 they are (teacher-forced history, data.dataset.turn_samples) and scored like any other row; the
 turns of multi-turn rows are also scored together under "multi_turn". Text-only rows (no image)
@@ -329,9 +328,7 @@ def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
 
 
 def is_easyvqa_questions(args, saved_train: dict) -> bool:
-    """Evaluating easy-vqa's own questions (its vqa or yesno-balanced files), where the
-    question-only baseline applies; on the choice task not looking scores 25% by construction
-    (data.easyvqa.choice_question)."""
+    """Evaluating easy-vqa's vqa or yesno-balanced rows, where the question-only baseline applies."""
     kind = args.kind or training_kind(saved_train)
     return not args.data and not saved_train["data"] and kind in ("vqa", "yesno-balanced")
 

@@ -150,13 +150,11 @@ class KVCache:
 
 
 class PrefixCache:
-    """The keys and values of a prefix every row of a batch shares, computed for one row and
-    broadcast to all: KVCache's read side for training, where each layer attends to the prefix
-    and then the new positions' own keys. Nothing is written in place, so autograd runs through
-    the new positions as usual; the prefix itself carries no gradient."""
+    """The keys and values of a prefix every row of a batch shares (a KVCache of batch 1, filled
+    to its max_len), broadcast to all rows: KVCache's read side for training. Nothing is written
+    in place, so autograd runs through the new positions as usual; the prefix has no gradient."""
 
     def __init__(self, cache: KVCache):
-        """From a KVCache of batch 1 filled exactly to its max_len."""
         self.k, self.v, self.pos = cache.k, cache.v, cache.pos
 
     def update(self, layer, k, v):
