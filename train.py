@@ -18,8 +18,8 @@ image-text contrastive against the frozen MiniLM text way) and saves them in the
 BLIP-2 layouts; a run that needs them trains it first, once; hub users skip it. 1 pretraining
 on captions, 2 instruction tuning (VQA), 3 task fine-tuning (easy-vqa: picking the image's
 colour-shape pair among four, data/easyvqa.py; your own data: e.g. letter multiple choice).
-What trains per stage: vlm.TRAINABLE. --task retrieval is MWA's own setting instead: image-text retrieval with
-stage 0's dual encoder (training/stages.py, retrieval_job).
+What trains per stage: vlm.TRAINABLE. --task retrieval is MWA's own setting instead:
+image-text retrieval with stage 0's dual encoder (training/stages.py, retrieval_job).
 
 The path of a run: main -> training.config (flags, resolve, prerequisites) -> [stage 0 first,
 when missing] -> training.stages.build_job (data, model, what trains) -> train (the loop below)
