@@ -126,7 +126,7 @@ class TrainConfig:
 
 # Steps and per-device batch for each stage on the offline default, sized for a 2-core CPU.
 STAGE_DEFAULTS = {0: dict(steps=1500, batch_size=32), 1: dict(steps=150, batch_size=16),
-                  2: dict(steps=240, batch_size=16), 3: dict(steps=200, batch_size=16)}
+                  2: dict(steps=320, batch_size=16), 3: dict(steps=200, batch_size=16)}
 RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the training captions
 RETRIEVAL_ADAPTERS = ("mwa", "full")
 # What a stage-0 run started on the way to another run takes over from that run's flags.
