@@ -48,17 +48,23 @@ def main(argv=None) -> dict:
     cfg = resolve(parse_args(argv, description=__doc__))  # every default decided, once
     check_prerequisites(cfg)            # what can fail does so now, before any training
     env = Env(cfg)
-    torch.manual_seed(cfg.seed)
     if needs_offline_towers(cfg) and not offline_towers_ready(cfg):
         # no offline tower yet -> train stage 0 (once, with its defaults), then the asked run
         env.log(f"the offline vision tower is missing: training stage 0 first into "
                 f"{stage0_dir(cfg)} (once; hub users pass --vision/--qformer instead)")
         stage0 = stage0_config(cfg)
-        train(stage0, build_job(stage0, env), env)
-    result = train(cfg, build_job(cfg, env), env)
+        train(stage0, seeded_job(stage0, env), env)
+    result = train(cfg, seeded_job(cfg, env), env)
     env.log(json.dumps(result))
     env.close()
     return result
+
+
+def seeded_job(cfg, env) -> Job:
+    """build_job right after seeding, so a run starts from the same weights whether or not
+    stage 0 trained first in the same process."""
+    torch.manual_seed(cfg.seed)
+    return build_job(cfg, env)
 
 
 def train(cfg, job: Job, env) -> dict:

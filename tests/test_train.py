@@ -875,6 +875,30 @@ def test_a_hub_vision_tower_needs_no_stage0_outside_crome(assets, tmp_path, main
     assert config["backbones"]["qformer"] is None
 
 
+def test_a_run_starts_from_the_same_weights_whether_or_not_stage0_trained_first(monkeypatch,
+                                                                                main):
+    """On a fresh machine main trains stage 0 before the run asked for; the run's random
+    initialisation must not depend on that (main seeds right before each build_job)."""
+    draws = []
+
+    def build_job(cfg, env):
+        draws.append((cfg.stage, torch.rand(4)))      # what a model's initialisation draws
+        return cfg.stage
+
+    def fake_train(cfg, job, env):
+        torch.rand(1000)                              # training draws random numbers too
+        return {"stage": job}
+
+    monkeypatch.setattr(train, "check_prerequisites", lambda cfg: None)
+    monkeypatch.setattr(train, "build_job", build_job)
+    monkeypatch.setattr(train, "train", fake_train)
+    for ready in (False, True):
+        monkeypatch.setattr(train, "offline_towers_ready", lambda cfg, ready=ready: ready)
+        main(["--stage", "2", "--num-threads", "1"])
+    assert [stage for stage, _ in draws] == [0, 2, 2]
+    assert torch.equal(draws[1][1], draws[2][1])
+
+
 def test_stage3_without_stage2_fails_before_any_training(assets, tmp_path, main, capsys):
     """With the offline vision tower missing too: the stage-3 prerequisite is reported at once,
     not after training stage 0."""
