@@ -32,7 +32,7 @@ from data.easyvqa import prepare_easyvqa
 from qformer import QFormer, QFormerConfig
 from training.config import parse_args, resolve
 from training.runtime import Env
-from training.stages import build_job
+from train import seeded_job
 from image_processor import ImageProcessor
 from vit import ViT, ViTConfig
 
@@ -361,5 +361,4 @@ def job_for(argv):
     stage 0 first) -> (cfg, env, job)."""
     cfg = resolve(parse_args(argv))
     env = Env(cfg)
-    torch.manual_seed(cfg.seed)
-    return cfg, env, build_job(cfg, env)
+    return cfg, env, seeded_job(cfg, env)
