@@ -1095,3 +1095,15 @@ def test_a_preset_on_tiny_backbones_reaches_the_model(assets, tmp_path, main, na
             (-2, 1, 128, True)
     else:
         assert len(model.adapter.layers) == 8
+
+
+def test_attention_flops_count_grouped_query_attention_as_full_heads():
+    """count_flops' formulas for CUDA's attention kernels (ATTENTION_FLOPS): 9 query heads over
+    3 shared key / value heads cost what 9 full heads cost, forward and backward."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    from training.progress import ATTENTION_FLOPS
+    q, kv, full = (2, 9, 5, 64), (2, 3, 7, 64), (2, 9, 7, 64)
+    forward = ATTENTION_FLOPS[torch.ops.aten._scaled_dot_product_efficient_attention]
+    backward = ATTENTION_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_backward]
+    assert forward(q, kv, kv) == 2 * (2 * 2 * 9 * 5 * 7 * 64)   # scores, then scores @ v
+    assert backward(q, q, kv, kv) == sdpa_backward_flop_count(q, q, full, full) > forward(q, kv, kv)

@@ -194,7 +194,9 @@ def gpu_table(path: Path) -> str:
     """The README's GPU table from tools/gpu_check.py's gpu_check.json."""
     result = read(Path(path))
     env = result["environment"]
+    stand_ins = result.get("weights") == "stand-ins"
     head = (f"{env['device']}, torch {env['torch']}{' (dry run on CPU)' if result['dry_run'] else ''}"
+            f"{'; stand-in weights (random, in the real shapes): accuracies mean nothing' if stand_ins else ''}"
             "\n\n| row | batch | compile + first 2 steps | ms/step | samples/s | tokens/s | MFU "
             "| peak memory |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = [f"| {NAMES.get(r['adapter'], r['adapter'])} | failed: see gpu_check.json | | | | | | |"
@@ -205,9 +207,10 @@ def gpu_table(path: Path) -> str:
             for r in result["steps"]]
     job = result["main_job"]
     val = job.get("validation") or {}
-    tail = (f"\n\n`{job['command']}`: {job['wall_s']} s wall (exit {job['exit_code']}), last "
-            f"validation {pct(val.get('accuracy'))} (balanced yes/no "
-            f"{pct(val.get('yesno_balanced_accuracy'))}); 2-GPU DDP: "
+    main_job = f"main job: {job['skipped']}" if "skipped" in job else (
+        f"`{job['command']}`: {job['wall_s']} s wall (exit {job['exit_code']}), last validation "
+        f"{pct(val.get('accuracy'))} (balanced yes/no {pct(val.get('yesno_balanced_accuracy'))})")
+    tail = (f"\n\n{main_job}; 2-GPU DDP: "
             f"{result['ddp'].get('skipped') or 'exit ' + str(result['ddp'].get('exit_code'))}")
     return head + "\n" + "\n".join(rows) + tail
 

@@ -11,9 +11,31 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from torch._dynamo.utils import counters as dynamo_counters
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 CURVE_COLORS = ("navy", "firebrick", "darkgreen", "darkorange", "purple", "teal", "gray")
+
+
+def as_query_heads(query: tuple, kv: tuple) -> tuple:
+    """A key / value shape (B, H_kv, S, D) with the query's H heads: grouped-query attention
+    computes every query head against its shared key / value head."""
+    return (kv[0], query[1], *kv[2:])
+
+
+def sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, as_query_heads(query, key), as_query_heads(query, value))
+
+
+def sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, as_query_heads(query, key),
+                                    as_query_heads(query, value))
+
+
+# CUDA's attention kernels, counted with grouped-query attention (fewer key / value heads than
+# query heads, as SmolLM2's): torch before 2.13 refuses those shapes in its own formulas.
+ATTENTION_FLOPS = {getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_attention{part}"): count
+                   for kernel in ("flash", "efficient", "cudnn")
+                   for part, count in (("", sdpa_flops), ("_backward", sdpa_backward_flops))}
 
 
 def count_flops(job, batch: dict, autocast) -> float:
@@ -24,7 +46,8 @@ def count_flops(job, batch: dict, autocast) -> float:
     model = job.model
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(), FlopCounterMode(display=False) as counter:
+    with torch.random.fork_rng(), FlopCounterMode(display=False,
+                                                  custom_mapping=ATTENTION_FLOPS) as counter:
         with autocast():
             loss = model(batch)
         loss.backward()
