@@ -21,6 +21,7 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils.flop_counter import sdpa_backward_flop_count
 
 import eval as ev
 import tiny
@@ -37,6 +38,7 @@ from vit import ViT
 from training.config import TrainConfig, needs_offline_towers, parse_args, resolve, stage0_config
 from training.parallel import checkpoint_activations_
 from training.presets import PRESETS
+from training.progress import ATTENTION_FLOPS
 from training.stages import stage_data
 from weights.checkpoint import CheckpointError
 from vlm import ADAPTERS, DESIGNS, TRAINABLE, VLMConfig, load_run, saved_components
@@ -1100,8 +1102,6 @@ def test_a_preset_on_tiny_backbones_reaches_the_model(assets, tmp_path, main, na
 def test_attention_flops_count_grouped_query_attention_as_full_heads():
     """count_flops' formulas for CUDA's attention kernels (ATTENTION_FLOPS): 9 query heads over
     3 shared key / value heads cost what 9 full heads cost, forward and backward."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-    from training.progress import ATTENTION_FLOPS
     q, kv, full = (2, 9, 5, 64), (2, 3, 7, 64), (2, 9, 7, 64)
     forward = ATTENTION_FLOPS[torch.ops.aten._scaled_dot_product_efficient_attention]
     backward = ATTENTION_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_backward]
