@@ -26,7 +26,9 @@ MAX_LINES = 450
 
 
 def project_modules() -> dict[str, Path]:
-    files = [p for p in ROOT.rglob("*.py") if not {"tests", ".git"} & set(p.relative_to(ROOT).parts)]
+    # not the tests, nor hidden folders (.git, a .venv, the GPU check's stand-ins in .gpu)
+    files = [p for p in ROOT.rglob("*.py")
+             if not any(d == "tests" or d.startswith(".") for d in p.relative_to(ROOT).parts)]
     return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
             for p in files}
 
