@@ -3,11 +3,11 @@ Evaluation: answer accuracy on a run's test split, one question about your own i
 frozen LLM's text-only perplexity, and image-text retrieval for stage-0 / retrieval runs.
 
     python eval.py --checkpoint runs/crome/stage2                 # easy-vqa test split
-    python eval.py --checkpoint runs/crome/stage2 --limit 500     # a fixed random 500 rows
     python eval.py --checkpoint runs/iaa/stage3 --text-ppl        # + text-only perplexity
     python eval.py --checkpoint runs/crome/stage2 --kind mc       # easy-vqa's multiple choice
     python eval.py --checkpoint runs/crome/stage2 --kind choice   # stage 3's task, before stage 3
     python eval.py --checkpoint runs/crome/stage2 --kind yesno-balanced   # yes/no, 50% blind
+    python eval.py --checkpoint runs/crome/stage2 --kind renders  # shapes drawn unlike easy-vqa's
     python eval.py --checkpoint runs/crome/stage2 --data my.json --image-root images/
     python eval.py --checkpoint runs/crome/stage2 --image photo.png --prompt "What shape is this?"
     python eval.py --checkpoint runs/retrieval/mwa                # R@1/5/10 (also runs/stage0)
@@ -54,9 +54,6 @@ Retrieval (a stage-0 run dir: its dual encoder as is, the frozen zero-shot basel
 (data.easyvqa.complete_captions), R@1/5/10 both ways (evaluate_retrieval), and the fraction of
 the encoder's parameters the run trained (0 for a stage-0 run: no retrieval training). Outputs:
 eval_retrieval_<split>.{json,md,png}, the PNG with each image's top-1 caption.
-
-Where it sits: it loads runs through vlm.load_run / dual_encoder.load_retrieval_run, reads data
-through data/, scores with evaluation/; train.py's validation calls its evaluate_retrieval.
 """
 import argparse
 import json
@@ -75,6 +72,7 @@ from PIL import Image, ImageDraw
 from data.collate import ImageCache
 from data.dataset import load_conversations, load_image, turn_samples
 from data.easyvqa import complete_captions, prepare_easyvqa, training_kind
+from data.renders import prepare_renders
 from dual_encoder import CAPTION_TOKENS, load_retrieval_run
 from evaluation.answerer import Answerer
 from evaluation.scoring import (MC_LETTERS, extract_letter, is_multiple_choice, normalize_answer,
@@ -320,17 +318,19 @@ def eval_data(saved_train: dict, args) -> tuple[Path, Path, str]:
             raise SystemExit(f"this run trained on {saved_train['data']}, which has no known "
                              f"{args.split} file: pass --data FILE --image-root DIR")
         return Path(saved_train["val_data"]), Path(saved_train["image_root"]), args.split
-    files = prepare_easyvqa()
     default = training_kind(saved_train)
     kind = args.kind or default
+    if kind == "renders" and args.split != "test":
+        raise SystemExit("--kind renders has a test split only")
+    files = prepare_renders() if kind == "renders" else prepare_easyvqa()
     name = args.split if kind == default else f"{kind}_{args.split}"
     return files[f"{kind}_{args.split}"], files["image_root"], name
 
 
 def is_easyvqa_questions(args, saved_train: dict) -> bool:
-    """Evaluating easy-vqa's vqa or yesno-balanced rows, where the question-only baseline applies."""
+    """Questions in easy-vqa's templates (vqa, yesno-balanced, renders): question-only applies."""
     kind = args.kind or training_kind(saved_train)
-    return not args.data and not saved_train["data"] and kind in ("vqa", "yesno-balanced")
+    return not args.data and not saved_train["data"] and kind in ("vqa", "yesno-balanced", "renders")
 
 
 def question_only(questions) -> dict:
@@ -347,11 +347,11 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="a stage 1-3 run directory, or a stage-0 / retrieval one for retrieval")
     p.add_argument("--split", choices=["val", "test"], default="test")
-    p.add_argument("--kind", choices=["captions", "vqa", "mc", "choice", "yesno-balanced"],
+    p.add_argument("--kind", choices=["captions", "vqa", "mc", "choice", "yesno-balanced", "renders"],
                    help="which easy-vqa file (default: the one the run's stage trained on); "
-                        "e.g. --kind mc scores a stage-2 model on multiple choice, --kind "
-                        "yesno-balanced on the yes/no questions balanced per template (a "
-                        "question-only model gets 50%%)")
+                        "e.g. --kind mc: a stage-2 model on multiple choice; yesno-balanced: "
+                        "yes/no balanced per template (question-only 50%%); renders: shapes "
+                        "drawn unlike easy-vqa's (data/renders.py, test only)")
     p.add_argument("--data", help="a LLaVA-format JSON to evaluate instead of the run's split")
     p.add_argument("--image-root", help="the folder --data's image paths are relative to")
     p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset (0 = all)")

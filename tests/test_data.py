@@ -11,7 +11,8 @@ from data.collate import ImageCache, shared_prefix
 from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
 from data.easyvqa import (COLORS, LETTERS, SHAPES, TRAINING_FILES, choice_question,
                           matching_statement, multiple_choice, package_root, prepare_easyvqa,
-                          question_template)
+                          question_template, shape_and_color)
+from data.renders import COLOR_RGB, IMAGE_SIZES, prepare_renders
 from image_processor import ImageProcessor, random_view
 
 KINDS, SPLITS = ("captions", "vqa", "mc", "choice"), ("train", "val", "test")
@@ -123,6 +124,53 @@ def test_balanced_training_file_keeps_colour_and_shape_and_balances_yes_no(prepa
         if r["type"] == "yes/no":
             counts[question_template(r["conversations"][0]["value"])][r["conversations"][1]["value"]] += 1
     assert len(counts) == 16 and all(c["yes"] == c["no"] >= 100 for c in counts.values())
+
+
+# ---- held-out renderings (data/renders.py) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory):
+    return prepare_renders(tmp_path_factory.mktemp("renders"), n_images=40)
+
+
+def test_renders_ask_easyvqa_questions_with_yes_no_balanced_per_template(renders, rows, tmp_path):
+    """Per image a colour, a shape and two yes/no questions, all in easy-vqa's own templates;
+    each yes/no template is answered "yes" exactly as often as "no"; the files are the same on
+    every run."""
+    rendered = json.loads(renders["renders_test"].read_text())
+    assert len(rendered) == 160
+    assert [r["type"] for r in rendered[:4]] == ["color", "shape", "yes/no", "yes/no"]
+    known = {question_template(r["conversations"][0]["value"]) for r in rows["vqa", "test"]}
+    counts = defaultdict(lambda: {"yes": 0, "no": 0})
+    for r in rendered:
+        question, answer = (turn["value"] for turn in r["conversations"])
+        assert question_template(question) in known, question
+        if r["type"] == "yes/no":
+            counts[question_template(question)][answer] += 1
+    assert all(c["yes"] == c["no"] > 0 for c in counts.values())
+    again = prepare_renders(tmp_path, n_images=40)
+    assert again["renders_test"].read_text() == renders["renders_test"].read_text()
+    assert (tmp_path / "images" / "7.png").read_bytes() == \
+        (renders["image_root"] / "images" / "7.png").read_bytes()
+
+
+def test_renders_show_what_their_answers_name(renders):
+    """Each image's four answers agree (easy-vqa's own reading of questions gives the colour and
+    shape the open answers name), the named colour covers part of the image, and the images
+    come in more than one size."""
+    rendered = json.loads(renders["renders_test"].read_text())
+    sizes = set()
+    for i in range(0, len(rendered), 4):
+        qa = [(k, r["conversations"][0]["value"].removeprefix("<image>\n"),
+               r["conversations"][1]["value"]) for k, r in enumerate(rendered[i:i + 4])]
+        color, shape = qa[0][2], qa[1][2]
+        assert shape_and_color(qa) == (shape, color)
+        image = Image.open(renders["image_root"] / rendered[i]["image"])
+        sizes.add(image.size)
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+        near = (np.abs(pixels - COLOR_RGB[color]).max(-1) <= 30).mean()
+        assert near > 0.02, (rendered[i]["image"], color, near)
+    assert len(sizes) > 1 and {w for w, _ in sizes} <= set(IMAGE_SIZES)
 
 
 def test_random_views_repeat_per_seed_and_keep_the_image_whole():
