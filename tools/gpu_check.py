@@ -1,7 +1,8 @@
 """
-The prepared GPU check: one script, one call on a lent GPU machine (about 8 minutes on one
-H100 / H200), writing one result that `python -m tools.report --gpu FILE` turns into the
-README's GPU table.
+The prepared GPU check: one script on a lent GPU machine (how long it takes is not known yet: on
+an H200 the main job's stage 0 took 204 s and CROME's step row did not finish in 300 s; split it
+over calls with --no-main-job and --adapters), writing one result that
+`python -m tools.report --gpu FILE` turns into the README's GPU table.
 
     python -m tools.gpu_check --out $OUT               # on the GPU machine
     python -m tools.gpu_check --dry-run --out /tmp/g   # here, on CPU: everything but CUDA
