@@ -81,8 +81,11 @@ class DualEncoder(nn.Module):
     def hidden_features(self, hidden):
         """image_features from the ViT's normed output hidden (B, N, Dv)."""
         queries = F.normalize(self.vision_proj(self.qformer(hidden)), dim=-1)     # (B, Q, E)
-        cls = F.normalize(self.cls_proj(hidden[:, 0]), dim=-1) if self.cls_proj else None
-        return queries, cls
+        return queries, self.class_features(hidden) if self.cls_proj else None
+
+    def class_features(self, hidden):
+        """The class token's features (B, E) from the ViT's normed output hidden (B, N, Dv)."""
+        return F.normalize(self.cls_proj(hidden[:, 0]), dim=-1)
 
     def match_logits(self, hidden, ids, mask):
         """ITM: (is the statement true of the image?) logits (B, 2) for the ViT's normed
@@ -105,7 +108,11 @@ class DualEncoder(nn.Module):
         identical captions; the captions either as token ids text_ids, text_mask (B, T), encoded
         here through the text way, or as their pooled text-way output text_pooled (B, H), cached
         when the text way is frozen. With an ITM head, also the matching loss of the batch's
-        statements itm_ids, itm_mask (B, T) and their truth itm_labels (B,)."""
+        statements itm_ids, itm_mask (B, T) and their truth itm_labels (B,). A batch that brings
+        every caption instead (captions_pooled (C, H), caption_ids indexing them) gets the
+        tower's loss alone (tower_loss)."""
+        if "captions_pooled" in batch:
+            return self.tower_loss(batch)
         hidden = self.vision_hidden(batch["pixels"])
         queries, cls = self.hidden_features(hidden)
         pooled = batch["text_pooled"] if "text_pooled" in batch else \
@@ -119,6 +126,16 @@ class DualEncoder(nn.Module):
             logits = self.match_logits(hidden, batch["itm_ids"], batch["itm_mask"])
             loss = loss + F.cross_entropy(logits, batch["itm_labels"])
         return loss
+
+
+    def tower_loss(self, batch):
+        """The ViT alone (training.stages.tower_job): its class token's features scored against
+        every caption's, cross-entropy on the image's own caption. CLIP's objective with the
+        whole caption set as the texts; no Q-Former pass."""
+        cls = self.class_features(self.vision_hidden(batch["pixels"]))          # (B, E)
+        text = self.text_features(batch["captions_pooled"])                      # (C, E)
+        scale = self.logit_scale.exp().clamp(max=100)
+        return F.cross_entropy(scale * cls @ text.t(), batch["caption_ids"])
 
 
 def contrastive_loss(logits, caption_ids):
@@ -159,6 +176,17 @@ def stage0_trainable_(model: DualEncoder) -> DualEncoder:
             module.requires_grad_(True)
     model.logit_scale.requires_grad_(True)
     model.qformer.query_way_requires_grad_(True)
+    return model
+
+
+def tower_trainable_(model: DualEncoder) -> DualEncoder:
+    """What the tower run trains and saves: the ViT, the class token's and the captions'
+    projections and the temperature; the Q-Former (whose text way encodes the captions) stays
+    frozen and unsaved."""
+    model.requires_grad_(False)
+    for module in (model.vision, model.cls_proj, model.text_proj):
+        module.requires_grad_(True)
+    model.logit_scale.requires_grad_(True)
     return model
 
 

@@ -2,7 +2,7 @@
 Image preprocessing for the vision towers, equal to transformers' image processors (PIL
 backend): CLIPImageProcessor (resize the short side, centre crop), SiglipImageProcessor and
 BlipImageProcessor (BLIP-2 / InstructBLIP: resize to a square), plus LLaVA's pad-to-square. Read from and written as a hub
-preprocessor_config.json. Also the random views that training sees of an image (random_view).
+preprocessor_config.json. Also the random views that training sees of an image (turned, random_view).
 """
 import math
 import random
@@ -125,6 +125,15 @@ class ImageProcessor:
             x = np.asarray(self.resize(image)).astype(np.float64) * self.rescale_factor
             out.append((x.astype(np.float32) - mean) / std)                # (H, W, 3)
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+
+
+def turned(image: Image.Image, rng: random.Random, max_degrees: float = 180.0) -> Image.Image:
+    """The image turned about its centre by an angle drawn from [-max_degrees, max_degrees]
+    (rng; by default any angle), the uncovered corners filled with its background (the top-left
+    pixel's colour). Ours: the views the offline tower trains on, so that it names shapes at
+    any rotation (README, "Turned images")."""
+    return image.rotate(rng.uniform(-max_degrees, max_degrees), fillcolor=image.getpixel((0, 0)),
+                        resample=Image.Resampling.BILINEAR)
 
 
 def random_view(image: Image.Image, rng: random.Random, max_degrees: float = 15.0,

@@ -13,16 +13,18 @@ Train any adapter design through any stage, in one compact loop.
         --activation-checkpointing                     # FSDP2: sharded weights, grads, AdamW
     python train.py --task retrieval --adapter mwa     # MWA's paper setting (or --adapter full)
 
-Stages: 0 pretrains the offline vision tower and the Q-Former's query way (BLIP-2 stage-1
-image-text contrastive against the frozen MiniLM text way) and saves them in the hub's CLIP /
-BLIP-2 layouts; a run that needs them trains it first, once; hub users skip it. 1 pretraining
+Stages: 0 pretrains the offline vision tower in two runs: the tower (--task tower: the ViT
+alone learns to name each image's caption, upright first, then turned by any angle), then
+BLIP-2's stage 1 on it (the Q-Former's query way: image-text contrast against the frozen MiniLM
+text way, and image-text matching), and saves them in the hub's CLIP / BLIP-2 layouts; a run
+that needs them trains them first, once; hub users skip them. 1 pretraining
 on captions, 2 instruction tuning (VQA), 3 task fine-tuning (easy-vqa: picking the image's
 colour-shape pair among four, data/easyvqa.py; your own data: e.g. letter multiple choice).
 What trains per stage: vlm.TRAINABLE. --task retrieval is MWA's own setting instead:
 image-text retrieval with stage 0's dual encoder (training/stages.py, retrieval_job).
 
-The path of a run: main -> training.config (flags, resolve, prerequisites) -> [stage 0 first,
-when missing] -> training.stages.build_job (data, model, what trains) -> train (the loop below)
+The path of a run: main -> training.config (flags, resolve, prerequisites) -> [the tower and
+stage 0 first, when missing] -> training.stages.build_job (data, model, what trains) -> train (the loop below)
 -> the run directory: config.json, model.safetensors (the trained weights only),
 optimizer.safetensors + trainer_state.json (for --resume), metrics.jsonl, loss.png and
 result.json (wall time, trainable and total parameter counts).
@@ -30,13 +32,14 @@ result.json (wall time, trainable and total parameter counts).
 import json
 import math
 import sys
+from dataclasses import asdict
 
 import torch
 
 from data.dataset import DataError
 from training.checkpointing import resume_from_checkpoint, save_checkpoint, start_fresh
-from training.config import (check_prerequisites, needs_offline_towers, offline_towers_ready,
-                             parse_args, resolve, run_dir, stage0_config, stage0_dir)
+from training.config import (check_prerequisites, missing_runs, parse_args, resolve, run_dir,
+                             run_name)
 from training.parallel import clip_grad_norm_, distribute
 from training.progress import Progress, count_flops, plot_losses
 from training.runtime import Env, stop_on_signals
@@ -48,12 +51,10 @@ def main(argv=None) -> dict:
     cfg = resolve(parse_args(argv, description=__doc__))  # every default decided, once
     check_prerequisites(cfg)            # what can fail does so now, before any training
     env = Env(cfg)
-    if needs_offline_towers(cfg) and not offline_towers_ready(cfg):
-        # no offline tower yet -> train stage 0 (once, with its defaults), then the asked run
-        env.log(f"the offline vision tower is missing: training stage 0 first into "
-                f"{stage0_dir(cfg)} (once; hub users pass --vision/--qformer instead)")
-        stage0 = stage0_config(cfg)
-        train(stage0, seeded_job(stage0, env), env)
+    for first in missing_runs(cfg):     # no offline tower yet: the tower, stage 0 (once each)
+        env.log(f"{run_name(asdict(first))} is missing: training it first into {run_dir(first)} "
+                "(once; hub users pass --vision/--qformer instead)")
+        train(first, seeded_job(first, env), env)
     result = train(cfg, seeded_job(cfg, env), env)
     env.log(json.dumps(result))
     env.close()
@@ -96,7 +97,7 @@ def train(cfg, job: Job, env) -> dict:
         for micro in range(cfg.grad_accum):
             indices = batch_indices(len(job.samples), global_batch, step, cfg.seed,
                                     micro * env.world + env.rank, cfg.grad_accum * env.world)
-            batch = job.batch(indices)
+            batch = job.batch(indices, step)
             with env.autocast():
                 loss = step_fn(batch) / cfg.grad_accum
             loss.backward()

@@ -13,12 +13,12 @@ LLaVA supervises every assistant turn.
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
 
 from data.dataset import DataError, load_image
-from image_processor import random_view
 
 IMAGE = "<image>"
 QUESTION = "<question>"  # where each question goes in the rendered template
@@ -212,18 +212,18 @@ def to_device(batch: dict, device) -> dict:
 
 class ImageCache:
     """Preprocessed pixels per image path, decoded once (small datasets fit in memory). PIL
-    images passed in directly are processed each time and not cached. Given an rng (training
-    augmentation), each image is a new image_processor.random_view of the decoded image, drawn
-    from rng and processed each time."""
+    images passed in directly are processed each time and not cached. Given a view (training
+    augmentation: decoded image -> another image, e.g. image_processor.turned with its rng),
+    each image is a new view of the decoded image, processed each time."""
 
     def __init__(self, processor):
         self.processor, self.cache, self.decoded = processor, {}, {}
 
-    def __call__(self, images, rng=None) -> torch.Tensor:
+    def __call__(self, images, view: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
         out = []
         for img in images:
-            if rng is not None:
-                out.append(self.processor([random_view(self.decode(img), rng)])[0])
+            if view is not None:
+                out.append(self.processor([view(self.decode(img))])[0])
             elif isinstance(img, Image.Image):
                 out.append(self.processor([img])[0])
             else:

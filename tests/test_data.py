@@ -1,11 +1,12 @@
 import json
 import random
 from collections import defaultdict
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from data.collate import ImageCache, shared_prefix
 from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
@@ -13,7 +14,7 @@ from data.easyvqa import (COLORS, LETTERS, SHAPES, TRAINING_FILES, choice_questi
                           matching_statement, multiple_choice, package_root, prepare_easyvqa,
                           question_template, shape_and_color)
 from data.renders import COLOR_RGB, IMAGE_SIZES, prepare_renders
-from image_processor import ImageProcessor, random_view
+from image_processor import ImageProcessor, random_view, turned
 
 KINDS, SPLITS = ("captions", "vqa", "mc", "choice"), ("train", "val", "test")
 
@@ -185,16 +186,35 @@ def test_random_views_repeat_per_seed_and_keep_the_image_whole():
         assert corners.min() >= 200, (seed, corners)
 
 
+def test_turned_images_keep_the_shape_whole_on_their_background():
+    """turned: a wide bar turned a quarter stands upright, the same size; the corners it
+    uncovers take the background colour; the angle comes from the rng (any, by default)."""
+    image = Image.new("RGB", (64, 64), (240, 230, 250))
+    ImageDraw.Draw(image).rectangle((8, 28, 55, 35), fill=(255, 0, 0))   # centred, 48 x 8
+
+    class Quarter:
+        def uniform(self, low, high):
+            assert (low, high) == (-180.0, 180.0)
+            return 90.0
+    pixels = np.asarray(turned(image, Quarter()))
+    rows, cols = np.nonzero((pixels == (255, 0, 0)).all(-1))
+    assert (np.ptp(rows) + 1, np.ptp(cols) + 1) == (48, 8)
+    assert (pixels[[0, 0, -1, -1], [0, -1, 0, -1]] == (240, 230, 250)).all()
+    easy = load_image(package_root() / "train" / "images" / "1.png")
+    assert (np.asarray(turned(easy, random.Random(0))) != np.asarray(easy)).any()
+
+
 def test_image_cache_views_are_fresh_and_plain_pixels_cached(tmp_path):
-    """ImageCache: without an rng the processed pixels of a path are cached; with one, each call
-    is a new view drawn from it, repeated exactly by a generator seeded the same."""
+    """ImageCache: without a view the processed pixels of a path are cached; with one, each
+    call is a new view, repeated exactly by a view drawing from a generator seeded the same."""
     path = str(package_root() / "train" / "images" / "1.png")
     pixels = ImageCache(ImageProcessor.clip(64))
     plain = pixels([path])
     assert pixels([path]) is not plain and torch.equal(pixels([path]), plain)
-    first, again = pixels([path], random.Random(3)), pixels([path], random.Random(3))
+    view = lambda seed: partial(random_view, rng=random.Random(seed))  # noqa: E731
+    first, again = pixels([path], view(3)), pixels([path], view(3))
     assert torch.equal(first, again) and not torch.equal(first, plain)
-    assert not torch.equal(first, pixels([path], random.Random(4)))
+    assert not torch.equal(first, pixels([path], view(4)))
 
 
 FORMATS = ({f"a {c} shape" for c in COLORS} | {f"a {s}" for s in SHAPES}

@@ -43,8 +43,9 @@ def flags(data, out_dir, *extra):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """An out_dir holding a 2-step stage-0 run."""
+    """An out_dir holding a 2-step stage-0 run (on a 2-step tower run)."""
     out = tmp_path_factory.mktemp("runs")
+    train.main(flags(data, out, "--task", "tower", "--steps", "2", "--batch-size", "4"))
     train.main(flags(data, out, "--stage", "0", "--steps", "2", "--batch-size", "4"))
     return out
 

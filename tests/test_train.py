@@ -35,7 +35,8 @@ from text.wordpiece import WordPieceTokenizer
 from text.tokenizer import load_tokenizer
 from image_processor import ImageProcessor
 from vit import ViT
-from training.config import TrainConfig, needs_offline_towers, parse_args, resolve, stage0_config
+from training.config import (TrainConfig, missing_runs, needs_offline_towers, parse_args, resolve,
+                             run_name, stage0_config, tower_config)
 from training.parallel import checkpoint_activations_
 from training.presets import PRESETS
 from training.progress import ATTENTION_FLOPS
@@ -208,13 +209,72 @@ def test_bf16_run_keeps_trainable_weights_in_fp32(assets, tmp_path, main, capsys
 # ----------------------------------------------------------------------------- stage 0
 
 
-def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
+def caption_flags(assets, out_dir, *extra) -> list[str]:
     data = assets["data"]
-    cfg, env, job = tiny.job_for(
-        ["--stage", "0", "--steps", "2", "--batch-size", "4", "--val-samples", "8",
-         "--out-dir", str(tmp_path), "--dtype", "fp32", "--num-threads", "1",
-         "--data", str(data["captions_train"]), "--val-data", str(data["captions_val"]),
-         "--image-root", str(data["image_root"]), "--log-every", "1"])
+    return ["--out-dir", str(out_dir), "--num-threads", "1", "--batch-size", "4",
+            "--data", str(data["captions_train"]), "--val-data", str(data["captions_val"]),
+            "--image-root", str(data["image_root"]), "--log-every", "1", *extra]
+
+
+def train_tower(assets, out_dir, *extra):
+    """A short tower run in out_dir/stage0/tower, what stage 0 starts from -> its Job."""
+    cfg, env, job = tiny.job_for(["--task", "tower", "--steps", "2", "--val-samples", "4",
+                                  *caption_flags(assets, out_dir, *extra)])
+    train.train(cfg, job, env)
+    return job
+
+
+def test_the_tower_trains_the_vit_alone_upright_then_turned(assets, tmp_path):
+    """The tower run (stage 0's first part): the ViT, the two projections and the temperature
+    train on the class token against every caption, no Q-Former pass; the first --upright-steps
+    batches show the images as they are, later ones turned (the same rows, the same angles);
+    validation scores both views."""
+    cfg, _, job = tiny.job_for(["--task", "tower", "--upright-steps", "1", *caption_flags(assets, tmp_path)])
+    assert (cfg.stage, cfg.steps, cfg.upright_steps) == (0, 2000, 1)    # its own defaults
+    assert set(job.saved_keys) == {"logit_scale"} | {
+        k for k in job.model.state_dict() if k.startswith(("vision.", "cls_proj.", "text_proj."))}
+    upright, turned = job.batch([0, 1], step=0), job.batch([0, 1], step=1)
+    assert torch.equal(upright["pixels"], job.batch([0, 1], step=0)["pixels"])
+    assert torch.equal(turned["pixels"], job.batch([0, 1], step=5)["pixels"])
+    assert not torch.equal(upright["pixels"], turned["pixels"])
+    calls = []
+    job.model.qformer.register_forward_hook(lambda *a: calls.append(1))
+    job.model(turned).backward()
+    assert not calls                                     # the captions were pooled beforehand
+    assert job.model.vision.patch_embed.weight.grad is not None
+    assert set(job.validate()) == {"caption_top1_class_token", "caption_top1_class_token_turned", "n"}
+
+
+def test_stage0_starts_from_the_tower_and_refuses_other_folders(assets, tmp_path):
+    tower = train_tower(assets, tmp_path)
+    _, _, job = tiny.job_for(["--stage", "0", "--steps", "1", *caption_flags(assets, tmp_path)])
+    assert_same_tensors(job.model.vision.state_dict(), tower.model.vision.state_dict())
+    assert torch.equal(job.model.cls_proj.weight, tower.model.cls_proj.weight)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"train": {"task": "vqa", "stage": 2}}))
+    (tmp_path / "other" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a tower run"):
+        tiny.job_for(["--stage", "0", "--init", str(tmp_path / "other"), *caption_flags(assets, tmp_path)])
+
+
+def test_missing_runs_are_the_tower_then_stage0_once_each(tmp_path):
+    cfg = resolve(parse_args(["--out-dir", str(tmp_path)]))
+    names = lambda runs: [run_name(dataclasses.asdict(r)) for r in runs]  # noqa: E731
+    assert names(missing_runs(cfg)) == ["stage 0 tower", "crome stage 0"]
+    stage0 = resolve(parse_args(["--stage", "0", "--out-dir", str(tmp_path)]))
+    assert names(missing_runs(stage0)) == ["stage 0 tower"]
+    (tmp_path / "stage0" / "tower").mkdir(parents=True)
+    (tmp_path / "stage0" / "tower" / "result.json").write_text("{}")
+    assert names(missing_runs(cfg)) == ["crome stage 0"] and missing_runs(stage0) == []
+    (tmp_path / "stage0" / "qformer").mkdir()
+    (tmp_path / "stage0" / "qformer" / "model.safetensors").write_bytes(b"")
+    assert missing_runs(cfg) == []
+
+
+def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
+    train_tower(assets, tmp_path)
+    cfg, env, job = tiny.job_for(["--stage", "0", "--steps", "2", "--val-samples", "8",
+                                  "--dtype", "fp32", *caption_flags(assets, tmp_path)])
     before = {k: v.clone() for k, v in job.model.state_dict().items()}
     train.train(cfg, job, env)
     out = tmp_path / "stage0"
@@ -246,21 +306,20 @@ def test_stage0_writes_hub_layout_towers_that_load_back(assets, tmp_path, main):
     assert [r["step"] for r in rows if "loss" in r] == [0, 1]
     assert [r["val"]["n"] for r in rows if "val" in r] == [8]
     assert [set(r["val"]) for r in rows if "val" in r] == [
-        {"caption_top1_queries", "caption_top1_class_token", "itm_accuracy", "n"}]
+        {"caption_top1_queries", "caption_top1_class_token", "caption_top1_queries_turned",
+         "caption_top1_class_token_turned", "itm_accuracy", "n"}]
 
 
 def test_stage0_without_itm_is_contrastive_only(assets, tmp_path):
     """--no-itm: no matching head, no statements in the batch, no itm_accuracy (the stage 0
     before ITM); the flag reaches the stage 0 a stage-2 run trains first."""
-    data = assets["data"]
-    argv = ["--stage", "0", "--steps", "1", "--batch-size", "4", "--val-samples", "4",
-            "--out-dir", str(tmp_path), "--num-threads", "1", "--no-itm",
-            "--data", str(data["captions_train"]), "--val-data", str(data["captions_val"]),
-            "--image-root", str(data["image_root"])]
-    cfg, env, job = tiny.job_for(argv)
+    train_tower(assets, tmp_path)
+    cfg, env, job = tiny.job_for(["--stage", "0", "--steps", "1", "--val-samples", "4", "--no-itm",
+                                  *caption_flags(assets, tmp_path)])
     assert job.model.itm_head is None
     assert not {"itm_ids", "itm_mask", "itm_labels"} & set(job.batch([0, 1]))
-    assert set(job.validate()) == {"caption_top1_queries", "caption_top1_class_token", "n"}
+    assert set(job.validate()) == {"caption_top1_queries", "caption_top1_class_token",
+                                   "caption_top1_queries_turned", "caption_top1_class_token_turned", "n"}
     assert not stage0_config(resolve(parse_args(["--stage", "2", "--no-itm"]))).itm
     assert stage0_config(resolve(parse_args(["--stage", "2"]))).itm
 
@@ -852,7 +911,7 @@ def test_chat_format_flag_reaches_the_tokenizer_and_the_run_config():
     (["--grad-accum", "0"], "--grad-accum >= 1"),
     (["--resume=yes"], "ignored explicit argument"),
     (["--stage", "0", "--vision", "openai/clip-vit-base-patch16", "--qformer", "Salesforce/blip2-opt-2.7b"],
-     "stage 0 pretrains the offline vision tower"),
+     "the tower and stage 0 pretrain the offline vision tower"),
 ])
 def test_parse_args_refuses_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -871,7 +930,7 @@ def test_a_hub_vision_tower_needs_no_stage0_outside_crome(assets, tmp_path, main
     argv[argv.index("--qformer"):argv.index("--qformer") + 2] = []   # the default: offline
     main(argv)
     out = capsys.readouterr().out
-    assert "training stage 0 first" not in out and not (tmp_path / "stage0").exists()
+    assert "training it first" not in out and not (tmp_path / "stage0").exists()
     assert out.lstrip().startswith(("no stage-1 checkpoint", "stage 2 | iaa")), out[:300]
     config = json.loads((tmp_path / "iaa" / "stage2" / "config.json").read_text())
     assert config["backbones"]["qformer"] is None
@@ -884,7 +943,7 @@ def test_a_run_starts_from_the_same_weights_whether_or_not_stage0_trained_first(
     draws = []
 
     def build_job(cfg, env):
-        draws.append((cfg.stage, torch.rand(4)))      # what a model's initialisation draws
+        draws.append((run_name(dataclasses.asdict(cfg)), torch.rand(4)))  # what a model's init draws
         return cfg.stage
 
     def fake_train(cfg, job, env):
@@ -895,10 +954,12 @@ def test_a_run_starts_from_the_same_weights_whether_or_not_stage0_trained_first(
     monkeypatch.setattr(train, "build_job", build_job)
     monkeypatch.setattr(train, "train", fake_train)
     for ready in (False, True):
-        monkeypatch.setattr(train, "offline_towers_ready", lambda cfg, ready=ready: ready)
+        monkeypatch.setattr(train, "missing_runs", lambda cfg, ready=ready: [] if ready else
+                            [tower_config(stage0_config(cfg)), stage0_config(cfg)])
         main(["--stage", "2", "--num-threads", "1"])
-    assert [stage for stage, _ in draws] == [0, 2, 2]
-    assert torch.equal(draws[1][1], draws[2][1])
+    assert [name for name, _ in draws] == ["stage 0 tower", "crome stage 0", "crome stage 2",
+                                           "crome stage 2"]
+    assert torch.equal(draws[2][1], draws[3][1])
 
 
 def test_stage3_without_stage2_fails_before_any_training(assets, tmp_path, main, capsys):

@@ -47,11 +47,10 @@ from pathlib import Path
 import torch
 
 from train import batch_indices, make_optimizer
-from training.config import (TrainConfig, offline_towers_ready, resolve, stage0_config,
-                             stage0_dir)
+from training.config import TrainConfig, offline_towers_ready, resolve
 from training.progress import compiled_graphs, count_flops
 from training.runtime import Env
-from training.stages import build_job
+from training.stages import build_job, untrained_towers
 from vlm import ADAPTERS
 from weights.checkpoint import read_safetensors_file, save_json, save_safetensors
 from weights.offline import MANIFEST, minilm_folder, package_dir, smollm2_folder
@@ -75,7 +74,7 @@ def measure_step(adapter, dtype, batch_size, folder, device="auto", compile="no"
                               batch_size=batch_size, compile=compile, device=device))
     env = Env(cfg)
     if not offline_towers_ready(cfg):  # fresh towers: speed does not depend on their values
-        build_job(stage0_config(cfg), env).export(stage0_dir(cfg))
+        untrained_towers(cfg)
     job = build_job(cfg, env)
     opt = make_optimizer(job.param_groups, cfg.weight_decay, env.device)
     batches = [job.batch(batch_indices(len(job.samples), batch_size, step, 0, 0, 1))
@@ -202,7 +201,7 @@ def main_job(args) -> dict:
     limit = 1000
     if args.dry_run:  # fresh towers instead of stage 0's training; 2 steps; a few rows
         cfg = resolve(TrainConfig(out_dir=str(out), device="cpu", llm=args.llm))
-        build_job(stage0_config(cfg), Env(cfg)).export(stage0_dir(cfg))
+        untrained_towers(cfg)
         flags += ["--device", "cpu", "--steps", "2", "--batch-size", "2", "--val-samples", "8"]
         limit = 8
     code, output, wall = run([sys.executable, "train.py", "--stage", "2", *flags], 420)

@@ -31,8 +31,9 @@ class TrainConfig:
                            "batch sizes at once; flags given override its values")
     stage: int = flag(2, "0 offline vision pretraining, 1 captions, 2 VQA instructions, "
                          "3 task fine-tuning (easy-vqa: the choice task)", [0, 1, 2, 3])
-    task: str = flag("vqa", "vqa (stages 0-3) or retrieval (MWA's paper setting; --stage does "
-                            "not apply)", ["vqa", "retrieval"])
+    task: str = flag("vqa", "vqa (stages 0-3), retrieval (MWA's paper setting) or tower (the "
+                            "first part of stage 0: the offline ViT alone; trained first when "
+                            "missing); --stage applies to vqa only", ["vqa", "retrieval", "tower"])
     adapter: str = flag("crome", "the design (crome, iaa, mwa) or a baseline (llava: the "
                                  "projector alone; full: the LLM too); retrieval: mwa or full",
                         list(ADAPTERS))
@@ -71,13 +72,18 @@ class TrainConfig:
                                      "nothing; --no-balance-yesno: every training row")
     augment: bool = flag(False, "train on random views of the images (orientation, small "
                                 "rotation, scale, shift, background tint: image_processor."
-                                "random_view), for renderings the data never shows; validation "
-                                "sees them as they are. Off by default: with it, the default "
-                                "1,500-step stage 0 reached 65%% caption top-1, not 98%%")
+                                "random_view) where they are not turned (--upright-steps); "
+                                "validation sees them as they are. Off by default: with it, a "
+                                "1,500-step stage 0 from scratch reached 65%% caption top-1, "
+                                "not 98%%")
+    upright_steps: int = flag(-1, "tower and stage 0: steps that see the training images as they "
+                                  "are, before each is turned by a random angle (any, about its "
+                                  "centre: image_processor.turned); -1 = the default (tower 600, "
+                                  "stage 0 none); a value >= --steps never turns them")
     image_root: str = flag("", "the folder --data's (and --val-data's) image paths are relative to")
     val_data: str = flag("", "validation JSON; empty = easy-vqa's validation file (none with --data)")
-    out_dir: str = flag("runs", "runs go to OUT_DIR/<adapter>/stage<N>, OUT_DIR/stage0 and "
-                                "OUT_DIR/retrieval/<adapter>")
+    out_dir: str = flag("runs", "runs go to OUT_DIR/<adapter>/stage<N>, OUT_DIR/stage0, "
+                                "OUT_DIR/stage0/tower and OUT_DIR/retrieval/<adapter>")
     init: str = flag("", "run directory to start from; empty = OUT_DIR/<adapter>/stage<N-1> "
                          "(retrieval: OUT_DIR/stage0)")
     resume: bool = flag(False, "continue this run from its last checkpoint, exactly")
@@ -125,13 +131,16 @@ class TrainConfig:
 
 
 # Steps and per-device batch for each stage on the offline default, sized for a 2-core CPU.
-STAGE_DEFAULTS = {0: dict(steps=1500, batch_size=32), 1: dict(steps=150, batch_size=16),
-                  2: dict(steps=320, batch_size=16), 3: dict(steps=200, batch_size=16)}
+STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32, upright_steps=0),
+                  1: dict(steps=150, batch_size=16), 2: dict(steps=320, batch_size=16),
+                  3: dict(steps=200, batch_size=16)}
 RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the training captions
+TOWER_DEFAULTS = dict(steps=2000, batch_size=32, upright_steps=600)
 RETRIEVAL_ADAPTERS = ("mwa", "full")
 # What a stage-0 run started on the way to another run takes over from that run's flags.
 STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample",
                    "itm", "augment")
+TOWER_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
 
 
 # --preset and --stage alone, read first: the preset's values depend on the stage.
@@ -166,18 +175,23 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
     if cfg.task == "retrieval" and cfg.adapter not in RETRIEVAL_ADAPTERS:
         p.error(f"--task retrieval trains --adapter mwa or --adapter full (full fine-tuning), "
                 f"not {cfg.adapter}")
-    if cfg.task == "vqa" and cfg.stage == 0 and "offline" not in (cfg.vision, cfg.qformer):
-        p.error("stage 0 pretrains the offline vision tower; with hub weights, start at stage 1")
+    if (cfg.task == "tower" or cfg.task == "vqa" and cfg.stage == 0) and \
+            "offline" not in (cfg.vision, cfg.qformer):
+        p.error("the tower and stage 0 pretrain the offline vision tower; with hub weights, "
+                "start at stage 1")
+    if cfg.task == "tower" and cfg.init:
+        p.error("--task tower trains the offline ViT from scratch: --init does not apply")
     if cfg.data and not cfg.image_root:
         p.error("--data needs --image-root (the folder its image paths are relative to)")
     if cfg.lr_adapter < 0 or cfg.max_instruction_len < 3:
         p.error("--lr-adapter must be >= 0 (0 = --lr), --max-instruction-len >= 3 ([CLS], "
                 "[SEP] and one token)")
-    if cfg.log_every < 1 or cfg.num_threads < 0:
-        p.error("--log-every must be >= 1 and --num-threads >= 0")
-    if cfg.shard == "fsdp" and (cfg.task == "retrieval" or cfg.stage == 0):
-        p.error("--shard fsdp shards the multimodal model of stages 1-3; stage 0 and retrieval "
-                "train small encoders: use --shard ddp")
+    if cfg.log_every < 1 or cfg.num_threads < 0 or cfg.upright_steps < -1:
+        p.error("--log-every must be >= 1, --num-threads >= 0, --upright-steps >= -1 (-1 = the "
+                "default)")
+    if cfg.shard == "fsdp" and (cfg.task != "vqa" or cfg.stage == 0):
+        p.error("--shard fsdp shards the multimodal model of stages 1-3; the tower, stage 0 and "
+                "retrieval train small encoders: use --shard ddp")
     if cfg.shard == "fsdp" and cfg.compile == "yes":
         p.error("--shard fsdp runs eagerly: pass --compile no (or auto)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -188,13 +202,17 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Every "auto" and every 0 = default decided, once: the config the run uses and saves."""
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = RETRIEVAL_DEFAULTS if cfg.task == "retrieval" else STAGE_DEFAULTS[cfg.stage]
+    defaults = {"retrieval": RETRIEVAL_DEFAULTS, "tower": TOWER_DEFAULTS}.get(
+        cfg.task, STAGE_DEFAULTS[cfg.stage])
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
     compile = cfg.compile if cfg.compile != "auto" else \
         "yes" if device == "cuda" and cfg.shard == "ddp" else "no"
     return replace(cfg, device=device, dtype=dtype, compile=compile,
+                   stage=0 if cfg.task == "tower" else cfg.stage,
                    lr_adapter=cfg.lr_adapter or cfg.lr, steps=cfg.steps or defaults["steps"],
-                   batch_size=cfg.batch_size or defaults["batch_size"])
+                   batch_size=cfg.batch_size or defaults["batch_size"],
+                   upright_steps=cfg.upright_steps if cfg.upright_steps >= 0 else
+                   defaults.get("upright_steps", 0))
 
 
 def stage0_config(cfg: TrainConfig) -> TrainConfig:
@@ -203,7 +221,15 @@ def stage0_config(cfg: TrainConfig) -> TrainConfig:
     return resolve(TrainConfig(stage=0, **{k: getattr(cfg, k) for k in STAGE0_INHERITS}))
 
 
+def tower_config(cfg: TrainConfig) -> TrainConfig:
+    """The tower run that a stage-0 run needs first, with the tower's defaults and the run's
+    device, precision and seed."""
+    return resolve(TrainConfig(task="tower", **{k: getattr(cfg, k) for k in TOWER_INHERITS}))
+
+
 def run_dir(cfg: TrainConfig) -> Path:
+    if cfg.task == "tower":
+        return tower_dir(cfg)
     if cfg.task == "retrieval":
         return Path(cfg.out_dir) / "retrieval" / cfg.adapter
     return Path(cfg.out_dir) / ("stage0" if cfg.stage == 0 else f"{cfg.adapter}/stage{cfg.stage}")
@@ -212,6 +238,8 @@ def run_dir(cfg: TrainConfig) -> Path:
 def run_name(train_cfg: dict) -> str:
     """'mwa stage 2', 'full retrieval': what a run trains (its train config as a dict)."""
     task = train_cfg.get("task", "vqa")
+    if task == "tower":
+        return "stage 0 tower"
     return f"{train_cfg['adapter']} " + ("retrieval" if task == "retrieval" else
                                          f"stage {train_cfg['stage']}")
 
@@ -220,13 +248,21 @@ def stage0_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out_dir) / "stage0"
 
 
+def tower_dir(cfg: TrainConfig) -> Path:
+    return stage0_dir(cfg) / "tower"
+
+
 def init_dir(cfg: TrainConfig) -> Path | None:
-    """The run directory this run starts from: --init, else the previous stage's (stages 2-3)
-    or stage 0's (retrieval); None for stages 0 and 1."""
+    """The run directory this run starts from: --init, else the previous stage's (stages 2-3),
+    stage 0's (retrieval) or the tower's (stage 0); None for the tower and stage 1."""
     if cfg.init:
         return Path(cfg.init)
     if cfg.task == "retrieval":
         return stage0_dir(cfg)
+    if cfg.task == "tower":
+        return None
+    if cfg.stage == 0:
+        return tower_dir(cfg)
     return Path(cfg.out_dir) / cfg.adapter / f"stage{cfg.stage - 1}" if cfg.stage >= 2 else None
 
 
@@ -235,7 +271,7 @@ def needs_offline_towers(cfg: TrainConfig) -> bool:
     (CROME only), or stage 0's dual encoder (retrieval without --init)?"""
     if cfg.task == "retrieval":
         return not cfg.init
-    if cfg.stage == 0:
+    if cfg.task == "tower" or cfg.stage == 0:
         return False
     return cfg.vision == "offline" or (cfg.adapter == "crome" and cfg.qformer == "offline")
 
@@ -243,6 +279,22 @@ def needs_offline_towers(cfg: TrainConfig) -> bool:
 def offline_towers_ready(cfg: TrainConfig) -> bool:
     """Stage 0 is complete once its last export (the Q-Former folder's weights) exists."""
     return (stage0_dir(cfg) / "qformer" / "model.safetensors").is_file()
+
+
+def tower_ready(cfg: TrainConfig) -> bool:
+    """The tower run is complete once it has written result.json (its last file)."""
+    return (tower_dir(cfg) / "result.json").is_file()
+
+
+def missing_runs(cfg: TrainConfig) -> list[TrainConfig]:
+    """The offline runs this run starts from that have not finished yet, in the order they
+    train: stage 0 when a run needs the offline towers, and the tower before a stage 0 without
+    --init. Each is trained once, with its own defaults."""
+    runs = [stage0_config(cfg)] if needs_offline_towers(cfg) and not offline_towers_ready(cfg) else []
+    first = runs[0] if runs else cfg
+    if first.task == "vqa" and first.stage == 0 and not first.init and not tower_ready(first):
+        runs.insert(0, tower_config(first))
+    return runs
 
 
 def check_prerequisites(cfg: TrainConfig):
@@ -255,7 +307,7 @@ def check_prerequisites(cfg: TrainConfig):
         if cfg.init and not (init / "model.safetensors").is_file():
             raise CheckpointError(f"--init {init}: no model.safetensors; retrieval starts from a "
                                   "stage-0 run directory (`python train.py --stage 0`)")
-    elif cfg.init and cfg.stage >= 1 and not (init / "model.safetensors").is_file():
+    elif cfg.init and not (init / "model.safetensors").is_file():
         raise CheckpointError(f"--init {init}: model.safetensors missing")
     elif cfg.stage == 3 and not (init / "model.safetensors").is_file():
         raise SystemExit(f"stage 3 fine-tunes a stage-2 model: no checkpoint at "

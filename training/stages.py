@@ -3,7 +3,8 @@ What each run trains on, as one plain Job per kind of run: the model (model(batc
 training rows and how a list of them becomes a batch, the parameter groups, the validation, and
 what the checkpoint holds. train.py's loop drives any Job the same way.
 
-    build_job(cfg, env)   stage 0      -> stage0_job     offline ViT + Q-Former query way, ITC + ITM
+    build_job(cfg, env)   tower        -> tower_job      offline ViT alone, image -> caption
+                          stage 0      -> stage0_job     offline ViT + Q-Former query way, ITC + ITM
                           stages 1-3   -> vlm_job        a VLM; what trains: vlm.TRAINABLE
                           retrieval    -> retrieval_job  stage 0's dual encoder, MWA or full
 
@@ -26,14 +27,17 @@ from data.collate import ImageCache, to_device, vlm_batch
 from data.dataset import DataError, load_conversations, turn_samples
 from data.easyvqa import complete_captions, matching_statement, prepare_easyvqa, training_kind
 from dual_encoder import (CAPTION_TOKENS, OFFLINE_VIT, image_tokens, offline_dual_encoder,
-                          retrieval_config, retrieval_model, stage0_trainable_, trainable_keys)
+                          retrieval_config, retrieval_model, stage0_trainable_, tower_trainable_,
+                          trainable_keys)
 from eval import evaluate_retrieval
 from evaluation.answerer import Answerer
 from evaluation.scoring import is_multiple_choice, score_answers
+from image_processor import random_view, turned
 from training.config import init_dir, stage0_dir
 from vit import ViTConfig
 from vlm import TRAINABLE, Parts, VLMConfig, build_vlm, load_components
-from weights.checkpoint import CheckpointError, read_config, read_safetensors_file, save_json
+from weights.checkpoint import (CheckpointError, load_strict, read_config, read_safetensors_file,
+                                save_json)
 from weights.offline import minilm_folder, smollm2_folder
 
 
@@ -42,7 +46,7 @@ class Job:
     """What one run trains, as the training loop sees it."""
     model: nn.Module                       # model(batch) -> mean loss
     samples: list                          # the training rows
-    collate: Callable[[list], dict]        # rows -> a batch on the device, with "tokens": int
+    collate: Callable[[list, int], dict]   # rows, step -> a batch on the device, with "tokens": int
     param_groups: dict                     # name -> (parameters, learning rate)
     validate: Callable[[], dict]           # metrics on the validation rows
     saved_keys: list                       # the state_dict keys model.safetensors holds
@@ -50,8 +54,8 @@ class Job:
     export: Callable[[Path], None] | None = None   # stage 0: the towers in the hub's layouts
     parts: Parts | None = field(default=None, repr=False)  # stages 1-3: tokenizers, processor
 
-    def batch(self, indices: list[int]) -> dict:
-        return self.collate([self.samples[i] for i in indices])
+    def batch(self, indices: list[int], step: int = 0) -> dict:
+        return self.collate([self.samples[i] for i in indices], step)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -60,6 +64,8 @@ class Job:
 def build_job(cfg, env) -> Job:
     if cfg.task == "retrieval":
         return retrieval_job(cfg, env)
+    if cfg.task == "tower":
+        return tower_job(cfg, env)
     return stage0_job(cfg, env) if cfg.stage == 0 else vlm_job(cfg, env)
 
 
@@ -112,34 +118,82 @@ def caption(sample) -> str:
     return sample.turns[0][1]
 
 
-def views(cfg, rows) -> random.Random | None:
-    """With --augment, the generator of a batch's random image views, seeded by its rows' ids
-    (the same rows, the same views: a resumed run repeats them exactly); None without."""
-    return random.Random("views:" + ",".join(s.id for s in rows)) if cfg.augment else None
+def views(cfg, rows, step: int) -> Callable | None:
+    """How a batch's images are shown at this step: turned by random angles (the tower and
+    stage 0, after --upright-steps), random views (--augment), or as they are (None). Drawn from
+    a generator seeded by the rows' ids: the same rows, the same views, so a resumed run
+    repeats them exactly."""
+    rng = random.Random("views:" + ",".join(s.id for s in rows))
+    turns = cfg.task == "tower" or (cfg.task == "vqa" and cfg.stage == 0)
+    if turns and step >= cfg.upright_steps:
+        return partial(turned, rng=rng)
+    return partial(random_view, rng=rng) if cfg.augment else None
 
 
-# ----------------------------------------------------------------------------- stage 0
+# ----------------------------------------------------------------------------- tower and stage 0
+
+
+class Captioned(NamedTuple):
+    samples: list              # training rows whose caption names colour and shape
+    val: list                  # the first --val-samples such validation rows
+    captions: list             # every distinct caption: the candidates
+    pooled: torch.Tensor       # (C, H) each caption through the frozen text way, pooled
+
+
+def captioned(cfg, env, model, wordpiece) -> Captioned:
+    """easy-vqa's captioned images, and every distinct caption pooled once by the frozen MiniLM
+    text way."""
+    train_file, val_file, root, _ = stage_data(cfg)
+    samples = complete_captions(load_samples(train_file, root, cfg, env))
+    val = complete_captions(load_val(val_file, root, cfg))
+    captions = sorted({caption(s) for s in samples + val})
+    with torch.no_grad():  # the text way is frozen
+        ids, mask = wordpiece(captions, max_length=CAPTION_TOKENS)
+        pooled = model.text_pooled(ids.to(env.device), mask.to(env.device))     # (C, H)
+    return Captioned(samples, val[:cfg.val_samples], captions, pooled)
+
+
+def tower_job(cfg, env) -> Job:
+    """The first part of stage 0 (offline default only), in place of the pretrained CLIP tower
+    BLIP-2 starts from: a fresh ViT learns to name each training image's caption. Its class
+    token's features are scored against every caption's (the frozen MiniLM text way, pooled and
+    projected): CLIP's objective, cross-entropy over the whole caption set (DualEncoder.
+    tower_loss). No Q-Former pass, so a step costs about a third of stage 0's. The first
+    --upright-steps see the images as they are, then each is turned by a random angle (views).
+    Ours: in that order the tower learns shapes that it names at any rotation; turned from the
+    first step it did not learn shapes at all in our runs (README, "Turned images")."""
+    model, processor, wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True)
+    model = tower_trainable_(model).to(env.device)
+    data, pixels, dev = captioned(cfg, env, model, wordpiece), ImageCache(processor), env.device
+    vit = model.vision.config
+
+    def collate(rows, step):
+        images = pixels([s.image for s in rows], views(cfg, rows, step))
+        return {"pixels": images.to(dev), "captions_pooled": data.pooled,
+                "caption_ids": caption_ids(data, rows, dev),
+                "tokens": len(rows) * ((vit.image_size // vit.patch_size) ** 2 + 1)}
+
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("vision.")]
+    return Job(model, data.samples, collate,
+               {"vision": (list(model.vision.parameters()), cfg.lr_vision), "heads": (heads, cfg.lr)},
+               partial(caption_metrics, model, pixels, data, None), trainable_keys(model),
+               {"vision": vit.to_hf()})
 
 
 def stage0_job(cfg, env) -> Job:
     """Stage 0 (offline default only): BLIP-2's stage-1 representation learning, two of its
-    three objectives. A fresh ViT and the Q-Former's query way (queries, cross-attention, query
-    FFNs) learn image-text contrast (ITC) against easy-vqa's captions as encoded by the frozen
-    MiniLM text way, and image-text matching (ITM) of statements about each image's colour and
-    shape (data.easyvqa.matching_statement), which trains the queries to read a text beside the
-    image: what CROME's instruction-aware Q-Former needs. Exported in the hub's CLIP-vision and
-    BLIP-2 layouts, which later stages load through the same from_pretrained."""
-    train_file, val_file, root, _ = stage_data(cfg)
-    samples = complete_captions(load_samples(train_file, root, cfg, env))
-    val = complete_captions(load_val(val_file, root, cfg))
+    three objectives, on the tower run's ViT. The ViT and the Q-Former's query way (queries,
+    cross-attention, query FFNs) learn image-text contrast (ITC) against easy-vqa's captions as
+    encoded by the frozen MiniLM text way, and image-text matching (ITM) of statements about
+    each image's colour and shape (data.easyvqa.matching_statement), which trains the queries
+    to read a text beside the image: what CROME's instruction-aware Q-Former needs. The images
+    are turned by random angles, as in the tower's last steps (views). Exported in the hub's
+    CLIP-vision and BLIP-2 layouts, which later stages load through the same from_pretrained."""
     model, processor, wordpiece = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True,
                                                        itm=cfg.itm)
+    load_tower(model, init_dir(cfg), env)
     model = stage0_trainable_(model).to(env.device)
-    pixels, dev = ImageCache(processor), env.device
-    captions = sorted({caption(s) for s in samples + val})   # the candidates: every caption
-    with torch.no_grad():  # the text way is frozen: pool each distinct caption once
-        ids, mask = wordpiece(captions, max_length=CAPTION_TOKENS)
-        text_pooled = model.text_pooled(ids.to(dev), mask.to(dev))     # (C, H)
+    data, pixels, dev = captioned(cfg, env, model, wordpiece), ImageCache(processor), env.device
 
     def statements(rows) -> dict:
         """One matching statement per row, drawn from a generator seeded by the rows' ids (the
@@ -153,50 +207,77 @@ def stage0_job(cfg, env) -> Job:
         return {"itm_ids": ids.to(dev), "itm_mask": mask.to(dev),
                 "itm_labels": torch.tensor(truth, device=dev)}
 
-    def collate(rows):
-        caption_ids = torch.tensor([captions.index(caption(s)) for s in rows], device=dev)
-        images = pixels([s.image for s in rows], views(cfg, rows))
-        batch = {"pixels": images.to(dev), "caption_ids": caption_ids,
-                 "text_pooled": text_pooled[caption_ids]} | statements(rows)
+    def collate(rows, step):
+        ids = caption_ids(data, rows, dev)
+        images = pixels([s.image for s in rows], views(cfg, rows, step))
+        batch = {"pixels": images.to(dev), "caption_ids": ids,
+                 "text_pooled": data.pooled[ids]} | statements(rows)
         statement_tokens = int(batch["itm_mask"].sum()) if "itm_mask" in batch else 0
         return batch | {"tokens": len(rows) * image_tokens(model) + statement_tokens}
 
-    def export(out: Path):
-        model.vision.save_pretrained(out / "vision")
-        save_json(processor.to_hf(), out / "vision" / "preprocessor_config.json")
-        model.qformer.save_pretrained(out / "qformer")
-        shutil.copy(minilm_folder() / "vocab.txt", out / "qformer" / "vocab.txt")
-
     vision = list(model.vision.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
-    val = val[:cfg.val_samples]
-    return Job(model, samples, collate,
+    return Job(model, data.samples, collate,
                {"vision": (vision, cfg.lr_vision), "qformer": (rest, cfg.lr)},
-               partial(stage0_metrics, model, pixels, val, captions, text_pooled, statements),
-               trainable_keys(model), {"vision": model.vision.config.to_hf()}, export)
+               partial(caption_metrics, model, pixels, data, statements),
+               trainable_keys(model), {"vision": model.vision.config.to_hf()},
+               partial(export_towers, model, processor))
+
+
+def export_towers(model, processor, out: Path):
+    """Stage 0's ViT and Q-Former in the hub's CLIP-vision and BLIP-2 layouts: out/vision,
+    out/qformer (with MiniLM's vocabulary)."""
+    model.vision.save_pretrained(out / "vision")
+    save_json(processor.to_hf(), out / "vision" / "preprocessor_config.json")
+    model.qformer.save_pretrained(out / "qformer")
+    shutil.copy(minilm_folder() / "vocab.txt", out / "qformer" / "vocab.txt")
+
+
+def untrained_towers(cfg):
+    """Stage 0's exports from fresh weights, nothing trained: for checks whose outcome does not
+    depend on the towers' values (tools.gpu_check)."""
+    model, processor, _ = offline_dual_encoder(ViTConfig(**OFFLINE_VIT), clip_loss=True)
+    export_towers(model, processor, stage0_dir(cfg))
+
+
+def load_tower(model, tower: Path, env):
+    """The tower run's weights (ViT, projections, temperature) into stage 0's dual encoder,
+    strictly; a folder that is not a finished tower run is an error naming it."""
+    weights = tower / "model.safetensors"
+    if read_config(tower)["train"].get("task") != "tower":
+        raise CheckpointError(f"{tower}: not a tower run directory (`python train.py --task tower`)")
+    keys = trainable_keys(tower_trainable_(model))
+    load_strict(model, read_safetensors_file(weights), str(weights), keys=keys)
+    env.log(f"initialised the ViT from the tower run {weights}")
+
+
+def caption_ids(data: Captioned, rows, device) -> torch.Tensor:
+    return torch.tensor([data.captions.index(caption(s)) for s in rows], device=device)
 
 
 @torch.no_grad()
-def stage0_metrics(model, pixels, val, captions, text_pooled, statements) -> dict:
-    """Image -> caption retrieval among all distinct captions: top-1 accuracy, through the
-    Q-Former's queries (what CROME uses) and the ViT's class token; and the accuracy of
-    image-text matching on one statement per image (half of them true), with ITM."""
-    dev, text = text_pooled.device, model.text_features(text_pooled)
-    hits = {"queries": 0, "class_token": 0} | ({"itm": 0} if model.itm_head is not None else {})
-    for i in range(0, len(val), 64):
-        chunk = val[i:i + 64]
-        hidden = model.vision_hidden(pixels([s.image for s in chunk]).to(dev))
-        queries, cls = model.hidden_features(hidden)
-        truth = torch.tensor([captions.index(caption(s)) for s in chunk], device=dev)
-        hits["queries"] += int((model.similarity(queries, text).argmax(-1) == truth).sum())
-        hits["class_token"] += int(((cls @ text.t()).argmax(-1) == truth).sum())
-        if "itm" in hits:
-            pairs = statements(chunk)
-            matched = model.match_logits(hidden, pairs["itm_ids"], pairs["itm_mask"]).argmax(-1)
-            hits["itm"] += int((matched == pairs["itm_labels"]).sum())
-    names = {"queries": "caption_top1_queries", "class_token": "caption_top1_class_token",
-             "itm": "itm_accuracy"}
-    return {names[k]: round(v / len(val), 4) for k, v in hits.items()} | {"n": len(val)}
+def caption_metrics(model, pixels, data: Captioned, statements=None) -> dict:
+    """Image -> caption top-1 among every caption, through the ViT's class token and (stage 0)
+    the Q-Former's queries (what CROME uses), on the validation images as they are and turned
+    (one seeded random angle each). With stage 0's statements, the queries too, and the accuracy
+    of image-text matching (ITM) on one statement per image (half of them true)."""
+    text, dev, hits = model.text_features(data.pooled), data.pooled.device, {}
+    for i in range(0, len(data.val), 64):
+        chunk = data.val[i:i + 64]
+        truth = caption_ids(data, chunk, dev)
+        for suffix, view in (("", None), ("_turned", partial(turned, rng=random.Random(i)))):
+            hidden = model.vision_hidden(pixels([s.image for s in chunk], view).to(dev))
+            scores = {"class_token": model.class_features(hidden) @ text.t()}
+            if statements is not None:      # stage 0: through the queries too
+                scores["queries"] = model.similarity(model.hidden_features(hidden)[0], text)
+            for name, score in scores.items():
+                key = f"caption_top1_{name}{suffix}"
+                hits[key] = hits.get(key, 0) + int((score.argmax(-1) == truth).sum())
+            if statements is not None and model.itm_head is not None and not suffix:
+                pairs = statements(chunk)
+                matched = model.match_logits(hidden, pairs["itm_ids"], pairs["itm_mask"]).argmax(-1)
+                hits["itm_accuracy"] = hits.get("itm_accuracy", 0) + int((matched == pairs["itm_labels"]).sum())
+    return {k: round(v / len(data.val), 4) for k, v in sorted(hits.items())} | {"n": len(data.val)}
 
 
 # ----------------------------------------------------------------------------- stages 1-3
@@ -240,8 +321,8 @@ def vlm_job(cfg, env) -> Job:
     # easy-vqa's stage 2 also validates on yes/no questions a question-only model answers at 50%
     balanced = fixed_subset(load_val(files.balanced_val, files.image_root, cfg), cfg.val_samples)
 
-    def collate(rows):  # every assistant turn labelled; text-only rows without visual tokens
-        batch = vlm_batch(parts, partial(pixels, rng=views(cfg, rows)), [s.image for s in rows], [s.turns[-1][0] for s in rows],
+    def collate(rows, step):  # every assistant turn labelled; text-only rows without visual tokens
+        batch = vlm_batch(parts, partial(pixels, view=views(cfg, rows, step)), [s.image for s in rows], [s.turns[-1][0] for s in rows],
                           [s.turns[-1][1] for s in rows], cfg.max_len, [s.id for s in rows],
                           [s.turns[:-1] for s in rows], label_history=True)
         batch = to_device(batch, env.device)
@@ -325,7 +406,7 @@ def retrieval_job(cfg, env) -> Job:
     val = complete_captions(load_val(val_file, root, cfg))[:cfg.val_samples]
     captions = sorted({caption(s) for s in samples})
 
-    def collate(rows):
+    def collate(rows, step):
         ids, mask = wordpiece([caption(s) for s in rows], max_length=CAPTION_TOKENS)  # (B, T)
         return {"pixels": pixels([s.image for s in rows]).to(dev),
                 "text_ids": ids.to(dev), "text_mask": mask.to(dev),
