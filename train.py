@@ -169,8 +169,8 @@ def batch_indices(n: int, global_batch: int, step: int, seed: int, slot: int, n_
 def log_header(cfg, job: Job, env, steps: int, global_batch: int):
     n_params = sum(p.numel() for p in job.model.parameters())
     n_trainable = sum(p.numel() for p in job.trainable())
-    what = f"retrieval | {cfg.adapter}" if cfg.task == "retrieval" else \
-        f"stage {cfg.stage} | {cfg.adapter}"
+    what = {"retrieval": f"retrieval | {cfg.adapter}", "tower": "stage 0 | tower"}.get(
+        cfg.task, f"stage {cfg.stage} | {cfg.adapter}")
     env.log(f"{what} | {steps} steps | global batch {global_batch} = "
             f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} processes"
             f"{f' ({cfg.shard})' if env.world > 1 else ''} | "

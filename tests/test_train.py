@@ -245,8 +245,9 @@ def test_the_tower_trains_the_vit_alone_upright_then_turned(assets, tmp_path):
     assert set(job.validate()) == {"caption_top1_class_token", "caption_top1_class_token_turned", "n"}
 
 
-def test_stage0_starts_from_the_tower_and_refuses_other_folders(assets, tmp_path):
+def test_stage0_starts_from_the_tower_and_refuses_other_folders(assets, tmp_path, capsys):
     tower = train_tower(assets, tmp_path)
+    assert "stage 0 | tower | 2 steps" in capsys.readouterr().out
     _, _, job = tiny.job_for(["--stage", "0", "--steps", "1", *caption_flags(assets, tmp_path)])
     assert_same_tensors(job.model.vision.state_dict(), tower.model.vision.state_dict())
     assert torch.equal(job.model.cls_proj.weight, tower.model.cls_proj.weight)
