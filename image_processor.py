@@ -1,8 +1,9 @@
 """
 Image preprocessing for the vision towers, equal to transformers' image processors (PIL
 backend): CLIPImageProcessor (resize the short side, centre crop), SiglipImageProcessor and
-BlipImageProcessor (BLIP-2 / InstructBLIP: resize to a square), plus LLaVA's pad-to-square. Read from and written as a hub
-preprocessor_config.json. Also the random views that training sees of an image (turned, random_view).
+BlipImageProcessor (BLIP-2 / InstructBLIP: resize to a square), plus LLaVA's pad-to-square.
+Read from and written as a hub preprocessor_config.json. Also the random views that training
+sees of an image (turned, random_view).
 """
 import math
 import random

@@ -14,6 +14,7 @@ Nothing here trains stage 0 on the way to another run: train.main decides that, 
 """
 import random
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -261,7 +262,7 @@ def caption_metrics(model, pixels, data: Captioned, statements=None) -> dict:
     the Q-Former's queries (what CROME uses), on the validation images as they are and turned
     (one seeded random angle each). With stage 0's statements, the queries too, and the accuracy
     of image-text matching (ITM) on one statement per image (half of them true)."""
-    text, dev, hits = model.text_features(data.pooled), data.pooled.device, {}
+    text, dev, hits = model.text_features(data.pooled), data.pooled.device, Counter()
     for i in range(0, len(data.val), 64):
         chunk = data.val[i:i + 64]
         truth = caption_ids(data, chunk, dev)
@@ -271,12 +272,11 @@ def caption_metrics(model, pixels, data: Captioned, statements=None) -> dict:
             if statements is not None:      # stage 0: through the queries too
                 scores["queries"] = model.similarity(model.hidden_features(hidden)[0], text)
             for name, score in scores.items():
-                key = f"caption_top1_{name}{suffix}"
-                hits[key] = hits.get(key, 0) + int((score.argmax(-1) == truth).sum())
+                hits[f"caption_top1_{name}{suffix}"] += int((score.argmax(-1) == truth).sum())
             if statements is not None and model.itm_head is not None and not suffix:
                 pairs = statements(chunk)
                 matched = model.match_logits(hidden, pairs["itm_ids"], pairs["itm_mask"]).argmax(-1)
-                hits["itm_accuracy"] = hits.get("itm_accuracy", 0) + int((matched == pairs["itm_labels"]).sum())
+                hits["itm_accuracy"] += int((matched == pairs["itm_labels"]).sum())
     return {k: round(v / len(data.val), 4) for k, v in sorted(hits.items())} | {"n": len(data.val)}
 
 
@@ -322,7 +322,8 @@ def vlm_job(cfg, env) -> Job:
     balanced = fixed_subset(load_val(files.balanced_val, files.image_root, cfg), cfg.val_samples)
 
     def collate(rows, step):  # every assistant turn labelled; text-only rows without visual tokens
-        batch = vlm_batch(parts, partial(pixels, view=views(cfg, rows, step)), [s.image for s in rows], [s.turns[-1][0] for s in rows],
+        batch = vlm_batch(parts, partial(pixels, view=views(cfg, rows, step)),
+                          [s.image for s in rows], [s.turns[-1][0] for s in rows],
                           [s.turns[-1][1] for s in rows], cfg.max_len, [s.id for s in rows],
                           [s.turns[:-1] for s in rows], label_history=True)
         batch = to_device(batch, env.device)
