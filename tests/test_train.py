@@ -230,7 +230,9 @@ def test_the_tower_trains_the_vit_alone_upright_then_turned(assets, tmp_path):
     batches show the images as they are, later ones turned (the same rows, the same angles);
     validation scores both views."""
     cfg, _, job = tiny.job_for(["--task", "tower", "--upright-steps", "1", *caption_flags(assets, tmp_path)])
-    assert (cfg.stage, cfg.steps, cfg.upright_steps) == (0, 2000, 1)    # its own defaults
+    assert (cfg.stage, cfg.steps, cfg.upright_steps, cfg.lr_vision) == (0, 2000, 1, 1e-3)  # its own
+    stage0 = resolve(parse_args(["--stage", "0"]))                                      # defaults
+    assert (stage0.steps, stage0.upright_steps, stage0.lr_vision) == (600, 0, 3e-4)
     assert set(job.saved_keys) == {"logit_scale"} | {
         k for k in job.model.state_dict() if k.startswith(("vision.", "cls_proj.", "text_proj."))}
     upright, turned = job.batch([0, 1], step=0), job.batch([0, 1], step=1)
@@ -910,6 +912,7 @@ def test_chat_format_flag_reaches_the_tokenizer_and_the_run_config():
     (["--steps", "ten"], "argument --steps: invalid int value"),
     (["--batch-size", "-1"], "--batch-size and --steps must be >= 0"),
     (["--grad-accum", "0"], "--grad-accum >= 1"),
+    (["--lr-vision", "-0.001"], "--lr-vision must be >= 0"),
     (["--resume=yes"], "ignored explicit argument"),
     (["--stage", "0", "--vision", "openai/clip-vit-base-patch16", "--qformer", "Salesforce/blip2-opt-2.7b"],
      "the tower and stage 0 pretrain the offline vision tower"),

@@ -95,7 +95,9 @@ class TrainConfig:
                                   "IAA's inner adaptor, MWA's adapters); 0 = --lr")
     lr_qformer: float = flag(1e-4, "learning rate of a pretrained Q-Former (CROME stage 2; "
                                    "retrieval --adapter full)")
-    lr_vision: float = flag(1e-3, "stage 0: learning rate of the ViT trained from scratch")
+    lr_vision: float = flag(0.0, "the tower and stage 0: learning rate of the offline ViT; 0 = "
+                                 "the default: 1e-3 in the tower (from scratch), 3e-4 in stage 0 "
+                                 "(the tower's ViT, fine-tuned)")
     itm: bool = flag(True, "stage 0: add BLIP-2's image-text matching to its contrastive loss "
                            "(--no-itm: contrastive only, the default before ITM)")
     lr_llm: float = flag(2e-5, "--adapter full: learning rate of the unfrozen LLM (LLaVA-1.5's)")
@@ -131,11 +133,11 @@ class TrainConfig:
 
 
 # Steps and per-device batch for each stage on the offline default, sized for a 2-core CPU.
-STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32, upright_steps=0),
+STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32, upright_steps=0, lr_vision=3e-4),
                   1: dict(steps=150, batch_size=16), 2: dict(steps=320, batch_size=16),
                   3: dict(steps=200, batch_size=16)}
 RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the training captions
-TOWER_DEFAULTS = dict(steps=2000, batch_size=32, upright_steps=600)
+TOWER_DEFAULTS = dict(steps=2000, batch_size=32, upright_steps=600, lr_vision=1e-3)
 RETRIEVAL_ADAPTERS = ("mwa", "full")
 # What a stage-0 run started on the way to another run takes over from that run's flags.
 STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample",
@@ -183,9 +185,9 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
         p.error("--task tower trains the offline ViT from scratch: --init does not apply")
     if cfg.data and not cfg.image_root:
         p.error("--data needs --image-root (the folder its image paths are relative to)")
-    if cfg.lr_adapter < 0 or cfg.max_instruction_len < 3:
-        p.error("--lr-adapter must be >= 0 (0 = --lr), --max-instruction-len >= 3 ([CLS], "
-                "[SEP] and one token)")
+    if cfg.lr_adapter < 0 or cfg.lr_vision < 0 or cfg.max_instruction_len < 3:
+        p.error("--lr-adapter and --lr-vision must be >= 0 (0 = the default), "
+                "--max-instruction-len >= 3 ([CLS], [SEP] and one token)")
     if cfg.log_every < 1 or cfg.num_threads < 0 or cfg.upright_steps < -1:
         p.error("--log-every must be >= 1, --num-threads >= 0, --upright-steps >= -1 (-1 = the "
                 "default)")
@@ -212,7 +214,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                    lr_adapter=cfg.lr_adapter or cfg.lr, steps=cfg.steps or defaults["steps"],
                    batch_size=cfg.batch_size or defaults["batch_size"],
                    upright_steps=cfg.upright_steps if cfg.upright_steps >= 0 else
-                   defaults.get("upright_steps", 0))
+                   defaults.get("upright_steps", 0),
+                   lr_vision=cfg.lr_vision or defaults.get("lr_vision", 0.0))
 
 
 def stage0_config(cfg: TrainConfig) -> TrainConfig:
