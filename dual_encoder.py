@@ -127,7 +127,6 @@ class DualEncoder(nn.Module):
             loss = loss + F.cross_entropy(logits, batch["itm_labels"])
         return loss
 
-
     def tower_loss(self, batch):
         """The ViT alone (training.stages.tower_job): its class token's features scored against
         every caption's, cross-entropy on the image's own caption. CLIP's objective with the
@@ -159,10 +158,15 @@ def offline_dual_encoder(vit_config: ViTConfig, clip_loss: bool, itm: bool = Fal
             WordPieceTokenizer.from_pretrained(minilm_folder()))
 
 
-def image_tokens(model: DualEncoder) -> int:
-    """Tokens the towers process per image: ViT patches, class token, queries."""
+def vit_tokens(model: DualEncoder) -> int:
+    """Tokens the ViT processes per image: patches and class token."""
     vit = model.vision.config
-    return (vit.image_size // vit.patch_size) ** 2 + 1 + model.qformer.config.num_query_tokens
+    return vit.grid ** 2 + vit.class_token
+
+
+def image_tokens(model: DualEncoder) -> int:
+    """Tokens the towers process per image: the ViT's, and the Q-Former's queries."""
+    return vit_tokens(model) + model.qformer.config.num_query_tokens
 
 
 def stage0_trainable_(model: DualEncoder) -> DualEncoder:

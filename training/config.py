@@ -139,10 +139,9 @@ STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32, upright_steps=0, lr_vision=3
 RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the training captions
 TOWER_DEFAULTS = dict(steps=2000, batch_size=32, upright_steps=600, lr_vision=1e-3)
 RETRIEVAL_ADAPTERS = ("mwa", "full")
-# What a stage-0 run started on the way to another run takes over from that run's flags.
-STAGE0_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample",
-                   "itm", "augment")
+# What the tower and stage-0 runs started on the way to another run take over from its flags.
 TOWER_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
+STAGE0_INHERITS = TOWER_INHERITS + ("itm", "augment")
 
 
 # --preset and --stage alone, read first: the preset's values depend on the stage.

@@ -29,7 +29,7 @@ from data.dataset import DataError, load_conversations, turn_samples
 from data.easyvqa import complete_captions, matching_statement, prepare_easyvqa, training_kind
 from dual_encoder import (CAPTION_TOKENS, OFFLINE_VIT, image_tokens, offline_dual_encoder,
                           retrieval_config, retrieval_model, stage0_trainable_, tower_trainable_,
-                          trainable_keys)
+                          trainable_keys, vit_tokens)
 from eval import evaluate_retrieval
 from evaluation.answerer import Answerer
 from evaluation.scoring import is_multiple_choice, score_answers
@@ -172,7 +172,7 @@ def tower_job(cfg, env) -> Job:
         images = pixels([s.image for s in rows], views(cfg, rows, step))
         return {"pixels": images.to(dev), "captions_pooled": data.pooled,
                 "caption_ids": caption_ids(data, rows, dev),
-                "tokens": len(rows) * ((vit.image_size // vit.patch_size) ** 2 + 1)}
+                "tokens": len(rows) * vit_tokens(model)}
 
     heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("vision.")]
     return Job(model, data.samples, collate,
