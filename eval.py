@@ -80,6 +80,7 @@ from evaluation.scoring import (MC_LETTERS, extract_letter, is_multiple_choice, 
                                 score_answers)
 from model import LLM
 from text.tokenizer import load_tokenizer
+from training.runtime import default_dtype
 from vlm import load_run
 from weights.checkpoint import read_config, save_json
 
@@ -358,8 +359,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--dtype", choices=["bf16", "fp32"],
-                   help="default: the run's training dtype on GPU; fp32 on CPU, where bf16 "
-                        "matmuls are usually slower")
+                   help="default: the run's training dtype where bf16 is fast (GPUs, CPUs "
+                        "with AVX512-BF16 or AMX: training.runtime.default_dtype), else fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output prefix (default RUN_DIR/eval_<split>)")
     p.add_argument("--text-ppl", action="store_true", help="also the text-only perplexity")
@@ -416,7 +417,7 @@ def main(argv=None) -> dict:
     saved = read_config(run)
     if saved["train"].get("task", "vqa") == "retrieval" or saved["train"]["stage"] == 0:
         return retrieval_main(args, run, saved, device)
-    default = saved["train"]["dtype"] if device.type == "cuda" else "fp32"
+    default = saved["train"]["dtype"] if default_dtype(device) == "bf16" else "fp32"
     bf16 = (args.dtype or default) == "bf16"
     parts = load_run(run, device, bf16)
     answerer = Answerer(parts, bf16, args.batch_size, saved["train"]["max_len"], args.max_new_tokens)

@@ -15,6 +15,7 @@ import torch
 
 from text.tokenizer import CHAT_FORMATS
 from training.presets import PRESETS, preset, presets_help
+from training.runtime import default_dtype
 from vlm import ADAPTERS
 from weights.checkpoint import CheckpointError
 
@@ -106,9 +107,9 @@ class TrainConfig:
     clip: float = flag(1.0, "gradient clipping norm")
     max_len: int = flag(128, "tokens per example, the visual tokens included (data.collate's "
                              "truncation rule; at 336 px a CLIP-L/14 gives 576)")
-    dtype: str = flag("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than "
-                              "fp32 on CPUs without AMX); bf16 = autocast with the frozen LLM "
-                              "stored in bf16", ["auto", "bf16", "fp32"])
+    dtype: str = flag("auto", "auto = bf16 on CUDA and on CPUs whose bf16 matmuls are measured "
+                              "faster (AVX512-BF16, AMX), else fp32; bf16 = autocast with the "
+                              "frozen LLM stored in bf16", ["auto", "bf16", "fp32"])
     compile: str = flag("auto", "torch.compile the training step; auto = on CUDA only, and "
                                 "never with --shard fsdp", ["auto", "yes", "no"])
     shard: str = flag("ddp", "how a torchrun run spreads the model over its processes: ddp = a "
@@ -205,7 +206,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     defaults = {"retrieval": RETRIEVAL_DEFAULTS, "tower": TOWER_DEFAULTS}.get(
         cfg.task, STAGE_DEFAULTS[cfg.stage])
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
+    dtype = cfg.dtype if cfg.dtype != "auto" else default_dtype(torch.device(device))
     compile = cfg.compile if cfg.compile != "auto" else \
         "yes" if device == "cuda" and cfg.shard == "ddp" else "no"
     return replace(cfg, device=device, dtype=dtype, compile=compile,

@@ -16,6 +16,7 @@ import torch.distributed as dist
 # Dense bf16 peak FLOP/s of known GPUs (fp32 counts half); others default to an A100's.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+FAST_BF16 = 1.5   # a CPU trains in bf16 by default when its bf16 matmuls are this much faster
 
 
 class Env:
@@ -76,6 +77,17 @@ def peak_flops(device: torch.device, dtype: str) -> float:
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
         return peak if dtype == "bf16" else peak / 2
     return cpu_peak_flops(dtype, torch.get_num_threads())
+
+
+def default_dtype(device: torch.device) -> str:
+    """What "auto" trains and evaluates in: bf16 on CUDA, and on a CPU whose bf16 matmuls
+    measure at least FAST_BF16 times as fast as its fp32 ones (a CPU with AVX512-BF16 or AMX:
+    about 4x on this repo's 2-core AMD EPYC); fp32 on other CPUs, where bf16 is slower."""
+    if device.type == "cuda":
+        return "bf16"
+    threads = torch.get_num_threads()
+    fast = cpu_peak_flops("bf16", threads) >= FAST_BF16 * cpu_peak_flops("fp32", threads)
+    return "bf16" if fast else "fp32"
 
 
 @functools.cache
