@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import sdpa
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
                                 remap, resolve_checkpoint, save_json, save_safetensors)
 
@@ -68,8 +69,7 @@ class Attention(nn.Module):
         B, T, H = x.shape
         heads = lambda t: t.view(B, t.shape[1], self.n_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
         q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
 
 

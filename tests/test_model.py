@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from weights.checkpoint import CheckpointError
-from model import LLM
+from model import LLM, sdpa
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,6 +68,18 @@ def test_logits_match_reference(tmp_path, case):
         got = ours(idx)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_fp32():
+    """model.sdpa: on CPU under bf16 autocast, attention is the fp32 kernel's result for the bf16
+    inputs, rounded once to bf16 (the bf16 kernels are slower there); elsewhere plain sdpa."""
+    q, k, v = (torch.randn(2, 3, 7, 16).to(torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sdpa(q, k, v, is_causal=True)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    q32 = q.float()
+    assert torch.equal(sdpa(q32, q32, q32), F.scaled_dot_product_attention(q32, q32, q32))
 
 
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "gpt2-transformer-prefix"])
