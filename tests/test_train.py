@@ -233,7 +233,7 @@ def test_the_tower_trains_the_vit_alone_upright_then_turned(assets, tmp_path):
     cfg, _, job = tiny.job_for(["--task", "tower", "--upright-steps", "1", *caption_flags(assets, tmp_path)])
     assert (cfg.stage, cfg.steps, cfg.upright_steps, cfg.lr_vision) == (0, 2000, 1, 1e-3)  # its own
     stage0 = resolve(parse_args(["--stage", "0"]))                                      # defaults
-    assert (stage0.steps, stage0.upright_steps, stage0.lr_vision) == (600, 0, 3e-4)
+    assert (stage0.steps, stage0.upright_steps, stage0.lr_vision) == (400, 0, 3e-4)
     assert set(job.saved_keys) == {"logit_scale"} | {
         k for k in job.model.state_dict() if k.startswith(("vision.", "cls_proj.", "text_proj."))}
     upright, turned = job.batch([0, 1], step=0), job.batch([0, 1], step=1)

@@ -134,8 +134,8 @@ class TrainConfig:
 
 
 # Steps and per-device batch for each stage on the offline default, sized for a 2-core CPU.
-STAGE_DEFAULTS = {0: dict(steps=600, batch_size=32, upright_steps=0, lr_vision=3e-4),
-                  1: dict(steps=150, batch_size=16), 2: dict(steps=320, batch_size=16),
+STAGE_DEFAULTS = {0: dict(steps=400, batch_size=32, upright_steps=0, lr_vision=3e-4),
+                  1: dict(steps=150, batch_size=16), 2: dict(steps=480, batch_size=16),
                   3: dict(steps=200, batch_size=16)}
 RETRIEVAL_DEFAULTS = dict(steps=0, batch_size=32)  # steps 0: one epoch of the training captions
 TOWER_DEFAULTS = dict(steps=2000, batch_size=32, upright_steps=600, lr_vision=1e-3)
