@@ -79,8 +79,8 @@ from evaluation.scoring import (MC_LETTERS, extract_letter, is_multiple_choice, 
                                 option_texts, question_only_answers, question_stem, recall_at_k,
                                 score_answers)
 from model import LLM
+from precision import default_dtype
 from text.tokenizer import load_tokenizer
-from training.runtime import default_dtype
 from vlm import load_run
 from weights.checkpoint import read_config, save_json
 
@@ -274,8 +274,7 @@ def metrics_table(results: dict) -> str:
 
 
 def draw_grid(records, path, size=GRID_SIZE, cell=(224, 184), thumb=112):
-    """A PNG of the first `size` records: image, question, prediction (green right, red wrong)
-    and truth."""
+    """A PNG of the first `size` records: image, question, prediction (green: right), truth."""
     cols = 4
     rows = max(1, math.ceil(min(size, len(records)) / cols))
     sheet = Image.new("RGB", (cols * cell[0], rows * cell[1]), "white")
@@ -360,7 +359,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--dtype", choices=["bf16", "fp32"],
                    help="default: the run's training dtype where bf16 is fast (GPUs, CPUs "
-                        "with AVX512-BF16 or AMX: training.runtime.default_dtype), else fp32")
+                        "with AVX512-BF16 or AMX: precision.default_dtype), else fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output prefix (default RUN_DIR/eval_<split>)")
     p.add_argument("--text-ppl", action="store_true", help="also the text-only perplexity")

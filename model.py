@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from precision import sdpa
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
                                 remap, resolve_checkpoint)
 
@@ -114,20 +115,9 @@ def rope_frequencies(cfg: LLMConfig) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, n_head, T, hd); cos/sin: (B, 1, T, hd). The half-split (rotate_half) layout of
-    the hub's Llama weights."""
+    """x: (B, n_head, T, hd); cos/sin: (B, 1, T, hd): the hub's half-split (rotate_half) layout."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def sdpa(q, k, v, **kw):
-    """F.scaled_dot_product_attention, in fp32 on CPU under bf16 autocast: there the bf16
-    kernels are slower than fp32's (forward + backward at stage 2's shapes, 9.2 ms against 2.6,
-    on this repo's 2-core CPU), while the matmuls around them are 4x faster in bf16."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v, **kw)
-    with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import sdpa
+from precision import sdpa
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
                                 remap, resolve_checkpoint, save_json, save_safetensors)
 

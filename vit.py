@@ -21,7 +21,7 @@ LLaVA and IAA feed the LLM the second-to-last layer with the class token dropped
 final LayerNorm), and only the blocks up to the selected one run.
 
 Ours: q/k/v are fused into one matmul (the loader concatenates the hub's three tensors and
-save_pretrained splits them back), and attention goes through model.sdpa (F.scaled_dot_product_attention).
+save_pretrained splits them back), and attention goes through precision.sdpa (F.scaled_dot_product_attention).
 Matches transformers' CLIPVisionModel / SiglipVisionModel (the tests allow 1e-4) and
 Blip2VisionModel / InstructBlipVisionModel (1e-5) in fp32; on CPU here the outputs came out
 bitwise equal.
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import sdpa
+from precision import sdpa
 from weights.checkpoint import (CheckpointError, load_strict, read_config, read_state_dict,
                                 remap, resolve_checkpoint, save_json, save_safetensors)
 

@@ -269,6 +269,13 @@ def check_stage(cfg, job, before: dict, previous: dict | None) -> dict:
     return state
 
 
+def loss_of(cfg, model, batch):
+    """The model's loss in the run's own precision: bf16 autocast where the run trained in bf16
+    (precision.default_dtype picks it on CPUs with fast bf16)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        return model(batch)
+
+
 def reached_by_the_runs_batches(cfg, job) -> set[int]:
     """ids of the trainable weights that the run's own batches (train.batch_indices) give a
     gradient. The others may stay put: e.g. the Q-Former's last text FFN, whose output nothing
@@ -277,8 +284,8 @@ def reached_by_the_runs_batches(cfg, job) -> set[int]:
     model.train()
     model.zero_grad()
     for step in range(cfg.steps):
-        model(job.batch(train.batch_indices(len(job.samples), cfg.batch_size, step, cfg.seed,
-                                            0, 1))).backward()
+        batch = job.batch(train.batch_indices(len(job.samples), cfg.batch_size, step, cfg.seed, 0, 1))
+        loss_of(cfg, model, batch).backward()
     reached = {id(p) for p in job.trainable() if p.grad is not None and p.grad.any()}
     model.zero_grad()
     return reached
@@ -330,7 +337,7 @@ def check_rows(cfg, job):
     hook = model.vision.register_forward_hook(lambda *args: ran.append(True))
     model.train()
     model.zero_grad()
-    loss = model(batch)
+    loss = loss_of(cfg, model, batch)
     loss.backward()
     hook.remove()
     assert torch.isfinite(loss) and not ran

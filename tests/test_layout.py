@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("weights.",),                                     # checkpoint I/O, GGUF, offline assets
     ("text.",),                                        # tokenizers
+    ("precision",),                                    # the compute dtype, attention's kernel
     ("image_processor", "model", "vit", "qformer", "adapters"),   # components
     ("vlm", "dual_encoder"),                           # the composed models
     ("data.",),                                        # conversations, batches, easy-vqa

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
+import model
 from model import LLM, LLMConfig
 from tools import memory
 from training.presets import PRESETS
@@ -21,11 +23,12 @@ SMALL = LLMConfig(vocab_size=100, n_layer=1, n_head=4, n_kv_head=2, n_embd=64, h
 @pytest.mark.parametrize("trainable, dtype", [(False, torch.bfloat16),   # a frozen bf16 LLM
                                               (True, torch.float32),     # trains, DDP + autocast
                                               (True, torch.bfloat16)])   # trains, FSDP in bf16
-def test_decoder_layer_bytes_is_what_autograd_keeps(trainable, dtype):
+def test_decoder_layer_bytes_is_what_autograd_keeps(trainable, dtype, monkeypatch):
     """One block under bf16 autocast on the CPU (whose attention kernel keeps what flash
-    attention keeps): every tensor saved for backward, parameters aside, is the formula's,
-    the rotary tables that all layers share, or (fp32 weights that train) autocast's bf16
-    copies of the weight matrices."""
+    attention keeps; the plain kernel, as on a GPU, not precision.sdpa's fp32 detour): every
+    tensor saved for backward, parameters aside, is the formula's, the rotary tables that all
+    layers share, or (fp32 weights that train) autocast's bf16 copies of the weight matrices."""
+    monkeypatch.setattr(model, "sdpa", F.scaled_dot_product_attention)
     llm = LLM(SMALL).to(dtype).requires_grad_(trainable)
     B, T = 2, 32
     x = torch.randn(B, T, SMALL.n_embd, dtype=dtype, requires_grad=True)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from weights.checkpoint import CheckpointError
-from model import LLM, sdpa
+from model import LLM
+from precision import sdpa
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,7 +72,7 @@ def test_logits_match_reference(tmp_path, case):
 
 
 def test_attention_under_cpu_bf16_autocast_runs_in_fp32():
-    """model.sdpa: on CPU under bf16 autocast, attention is the fp32 kernel's result for the bf16
+    """precision.sdpa: on CPU under bf16 autocast, attention is the fp32 kernel's result for the bf16
     inputs, rounded once to bf16 (the bf16 kernels are slower there); elsewhere plain sdpa."""
     q, k, v = (torch.randn(2, 3, 7, 16).to(torch.bfloat16) for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):

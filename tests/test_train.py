@@ -37,7 +37,7 @@ from image_processor import ImageProcessor
 from vit import ViT
 from training.config import (TrainConfig, missing_runs, needs_offline_towers, parse_args, resolve,
                              run_name, stage0_config, tower_config)
-from training import runtime
+import precision
 from training.parallel import checkpoint_activations_
 from training.presets import PRESETS
 from training.progress import ATTENTION_FLOPS
@@ -995,7 +995,7 @@ def test_which_runs_need_the_offline_towers(argv, needs):
 def test_config_is_resolved_once_and_frozen():
     cfg = resolve(train.parse_args(["--stage", "3", "--device", "cpu"]))
     assert (cfg.steps, cfg.batch_size, cfg.compile) == (200, 16, "no")
-    assert cfg.dtype == runtime.default_dtype(torch.device("cpu"))
+    assert cfg.dtype == precision.default_dtype(torch.device("cpu"))
     assert resolve(cfg) == cfg
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.steps = 1
@@ -1006,7 +1006,7 @@ def test_config_is_resolved_once_and_frozen():
 def test_auto_dtype_on_cpu_is_bf16_where_its_matmuls_are_measured_faster(monkeypatch,
                                                                         bf16_speedup, dtype):
     peaks = {"fp32": 1e11, "bf16": bf16_speedup * 1e11}
-    monkeypatch.setattr(runtime, "cpu_peak_flops", lambda kind, threads: peaks[kind])
+    monkeypatch.setattr(precision, "cpu_peak_flops", lambda kind, threads: peaks[kind])
     assert resolve(train.parse_args(["--device", "cpu"])).dtype == dtype
     assert resolve(train.parse_args(["--device", "cpu", "--dtype", "fp32"])).dtype == "fp32"
 

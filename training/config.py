@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from precision import default_dtype
 from text.tokenizer import CHAT_FORMATS
 from training.presets import PRESETS, preset, presets_help
-from training.runtime import default_dtype
 from vlm import ADAPTERS
 from weights.checkpoint import CheckpointError
 

@@ -3,20 +3,19 @@ Where a run executes: the device, the distributed process group, bf16 autocast, 
 peak FLOP/s (for MFU), and stopping cleanly on SIGINT / SIGTERM. train.py builds one Env from
 the resolved config and calls these in one line each.
 """
-import functools
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from precision import cpu_peak_flops
+
 # Dense bf16 peak FLOP/s of known GPUs (fp32 counts half); others default to an A100's.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-FAST_BF16 = 1.5   # a CPU trains in bf16 by default when its bf16 matmuls are this much faster
 
 
 class Env:
@@ -77,35 +76,6 @@ def peak_flops(device: torch.device, dtype: str) -> float:
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
         return peak if dtype == "bf16" else peak / 2
     return cpu_peak_flops(dtype, torch.get_num_threads())
-
-
-def default_dtype(device: torch.device) -> str:
-    """What "auto" trains and evaluates in: bf16 on CUDA, and on a CPU whose bf16 matmuls
-    measure at least FAST_BF16 times as fast as its fp32 ones (a CPU with AVX512-BF16 or AMX:
-    about 4x on this repo's 2-core AMD EPYC); fp32 on other CPUs, where bf16 is slower."""
-    if device.type == "cuda":
-        return "bf16"
-    threads = torch.get_num_threads()
-    fast = cpu_peak_flops("bf16", threads) >= FAST_BF16 * cpu_peak_flops("fp32", threads)
-    return "bf16" if fast else "fp32"
-
-
-@functools.cache
-def cpu_peak_flops(dtype: str, threads: int) -> float:
-    """The best of a few 2048^3 matmuls in the training dtype, after warm-ups: measured once per
-    process for each dtype and thread count (it takes about 2 s on one thread)."""
-    t = torch.bfloat16 if dtype == "bf16" else torch.float32
-    n = 2048
-    gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
-    a, b = (torch.randn(n, n, generator=gen).to(t) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
 
 
 class StopFlag:
