@@ -1035,9 +1035,9 @@ def test_easyvqa_stage2_trains_on_balanced_rows_and_random_views_on_request(asse
     """Without --data, stage 2 trains on vqa-balanced_train (yes/no balanced per template);
     --no-balance-yesno trains on every row. --augment trains on random views of the images: the
     same rows give the same views (resume repeats them), and the pixels differ from the plain
-    ones; stage 0 inherits the choice."""
+    ones; the stage 0 trained first does not take it over (it turns every image instead)."""
     assert resolve(parse_args([])).augment is False
-    assert stage0_config(resolve(parse_args(["--augment"]))).augment is True
+    assert stage0_config(resolve(parse_args(["--augment"]))).augment is False
     assert stage_data(resolve(parse_args([]))).train.name == "vqa-balanced_train.json"
     assert stage_data(resolve(parse_args(["--no-balance-yesno"]))).train.name == "vqa_train.json"
     stage3 = stage_data(resolve(parse_args(["--stage", "3"])))   # the choice task, not letters

@@ -142,7 +142,7 @@ TOWER_DEFAULTS = dict(steps=2000, batch_size=32, upright_steps=600, lr_vision=1e
 RETRIEVAL_ADAPTERS = ("mwa", "full")
 # What the tower and stage-0 runs started on the way to another run take over from its flags.
 TOWER_INHERITS = ("out_dir", "device", "dtype", "compile", "seed", "num_threads", "on_bad_sample")
-STAGE0_INHERITS = TOWER_INHERITS + ("itm", "augment")
+STAGE0_INHERITS = TOWER_INHERITS + ("itm",)   # not --augment: stage 0 turns every image
 
 
 # --preset and --stage alone, read first: the preset's values depend on the stage.
