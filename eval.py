@@ -416,8 +416,8 @@ def main(argv=None) -> dict:
     saved = read_config(run)
     if saved["train"].get("task", "vqa") == "retrieval" or saved["train"]["stage"] == 0:
         return retrieval_main(args, run, saved, device)
-    default = saved["train"]["dtype"] if default_dtype(device) == "bf16" else "fp32"
-    bf16 = (args.dtype or default) == "bf16"
+    bf16 = args.dtype == "bf16" if args.dtype else \
+        saved["train"]["dtype"] == "bf16" and default_dtype(device) == "bf16"  # measured if bf16
     parts = load_run(run, device, bf16)
     answerer = Answerer(parts, bf16, args.batch_size, saved["train"]["max_len"], args.max_new_tokens)
     if args.image:

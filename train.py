@@ -135,8 +135,8 @@ def train(cfg, job: Job, env) -> dict:
 
 def make_optimizer(groups: dict, weight_decay: float, device) -> torch.optim.AdamW:
     """AdamW, one group pair per component (own lr): decay on >= 2-D tensors only. The fused
-    kernel on CPU too: one pass over the weights, 10x faster than the default there (stage 2's
-    34M trainable weights: 22 ms a step against 300)."""
+    kernel on CPU too: one pass over the weights (stage 2's 34M trainable weights: 24 ms an
+    update against about 100 for the default, in a one-off measurement on the 2-core CPU)."""
     param_groups = []
     for name, (params, lr) in groups.items():
         params = [p for p in params if p.requires_grad]
