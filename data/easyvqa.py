@@ -121,12 +121,42 @@ def shape_and_color(questions) -> tuple[str | None, str | None]:
         words = set(text.rstrip("?").split())
         if question_type(answer) != "yes/no":
             seen |= words | {answer}
-        elif (answer == "yes") != bool(words & {"not", "no"}):
+        elif (answer == "yes") != is_negated(text):
             seen |= words
     shapes, colors = seen & set(SHAPES), seen & set(COLORS)
     if len(shapes) > 1 or len(colors) > 1:
         raise DataError(f"easy-vqa questions contradict each other: {sorted(shapes | colors)}")
     return next(iter(shapes), None), next(iter(colors), None)
+
+
+def is_negated(question: str) -> bool:
+    """Whether a yes/no question asks for absence: "is there not a red shape?", "is no circle
+    present?" (8 of easy-vqa's 16 yes/no templates)."""
+    return bool(set(question.rstrip("?").split()) & {"not", "no"})
+
+
+def fewer_negated(rows: list[tuple[str, str]], share: float, seed: int = 0) -> list[int]:
+    """Indices of the (question, answer) rows to keep so that negated yes/no questions make
+    `share` of the yes/no rows (ours: stage 2's --negated-share), every other row kept. Each
+    (template, answer) group of negated rows keeps the same fraction, so every template stays
+    balanced and the question alone still predicts nothing. Why: on balanced rows the answer is
+    *the image shows what the question names* XOR *the question is negated*; at half and half
+    neither part alone predicts the answer (a parity problem), while with fewer negated rows
+    the first does, so a design can learn it first and the negation on top."""
+    negated = defaultdict(list)
+    plain = 0
+    for i, (question, answer) in enumerate(rows):
+        if answer in ("yes", "no") and is_negated(question):
+            negated[question_template(question), answer].append(i)
+        elif answer in ("yes", "no"):
+            plain += 1
+    n_negated = sum(len(group) for group in negated.values())
+    fraction = min(1.0, share * plain / (1 - share) / max(n_negated, 1))
+    rng, dropped = random.Random(seed), set()
+    for key in sorted(negated):
+        group = negated[key]
+        dropped |= set(rng.sample(group, len(group) - round(fraction * len(group))))
+    return [i for i in range(len(rows)) if i not in dropped]
 
 
 def question_template(question: str) -> str:

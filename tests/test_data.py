@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from data.collate import ImageCache, shared_prefix
 from data.dataset import DataError, captions, load_conversations, load_image, turn_samples
 from data.easyvqa import (COLORS, LETTERS, SHAPES, TRAINING_FILES, choice_question,
-                          matching_statement, multiple_choice, package_root, prepare_easyvqa,
-                          question_template, shape_and_color)
+                          fewer_negated, is_negated, matching_statement, multiple_choice,
+                          package_root, prepare_easyvqa, question_template, shape_and_color)
 from data.renders import COLOR_RGB, IMAGE_SIZES, prepare_renders
 from image_processor import ImageProcessor, random_view, turned
 
@@ -125,6 +125,27 @@ def test_balanced_training_file_keeps_colour_and_shape_and_balances_yes_no(prepa
         if r["type"] == "yes/no":
             counts[question_template(r["conversations"][0]["value"])][r["conversations"][1]["value"]] += 1
     assert len(counts) == 16 and all(c["yes"] == c["no"] >= 100 for c in counts.values())
+
+
+@pytest.mark.parametrize("share", [0.25, 0.1])
+def test_fewer_negated_rows_keep_every_template_balanced(prepared, share):
+    """--negated-share (data.easyvqa.fewer_negated): negated yes/no rows make `share` of the
+    yes/no rows, every template keeps as many "yes" as "no", and the other rows all stay."""
+    mix = json.loads(prepared["vqa-balanced_train"].read_text())
+    qa = [(r["conversations"][0]["value"].split("\n")[-1], r["conversations"][1]["value"]) for r in mix]
+    keep = fewer_negated(qa, share)
+    assert keep == sorted(set(keep)) and keep == fewer_negated(qa, share)   # ordered, seeded
+    kept = [qa[i] for i in keep]
+    assert [x for x in qa if not is_negated(x[0]) or x[1] not in ("yes", "no")] == \
+        [x for x in kept if not is_negated(x[0]) or x[1] not in ("yes", "no")]
+    yesno = [x for x in kept if x[1] in ("yes", "no")]
+    negated = [x for x in yesno if is_negated(x[0])]
+    assert abs(len(negated) / len(yesno) - share) < 0.01
+    counts = defaultdict(lambda: {"yes": 0, "no": 0})
+    for question, answer in negated:
+        counts[question_template(question)][answer] += 1
+    assert len(counts) == 8 and all(abs(c["yes"] - c["no"]) <= 1 for c in counts.values())
+    assert is_negated("is no circle present?") and not is_negated("is there a red shape?")
 
 
 # ---- held-out renderings (data/renders.py) ------------------------------------------------

@@ -101,6 +101,10 @@ class TrainConfig:
                                  "(the tower's ViT, fine-tuned)")
     itm: bool = flag(True, "stage 0: add BLIP-2's image-text matching to its contrastive loss "
                            "(--no-itm: contrastive only, the default before ITM)")
+    negated_share: float = flag(0.0, "easy-vqa stage 2: negated yes/no questions (\"is there not "
+                                     "a red shape?\") as this share of the yes/no training rows, "
+                                     "each template still balanced (ours; data.easyvqa."
+                                     "fewer_negated); 0 = as prepared (about half)")
     lr_llm: float = flag(2e-5, "--adapter full: learning rate of the unfrozen LLM (LLaVA-1.5's)")
     weight_decay: float = flag(0.01, "AdamW weight decay, on tensors of 2 or more dimensions")
     warmup: float = flag(0.03, "linear warmup, as a fraction of the steps")
@@ -188,6 +192,9 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
     if cfg.lr_adapter < 0 or cfg.lr_vision < 0 or cfg.max_instruction_len < 3:
         p.error("--lr-adapter and --lr-vision must be >= 0 (0 = the default), "
                 "--max-instruction-len >= 3 ([CLS], [SEP] and one token)")
+    if not 0 <= cfg.negated_share < 1 or cfg.negated_share and (
+            cfg.task != "vqa" or cfg.stage != 2 or cfg.data):
+        p.error("--negated-share applies to easy-vqa's stage 2 (no --data) and must be in [0, 1)")
     if cfg.log_every < 1 or cfg.num_threads < 0 or cfg.upright_steps < -1:
         p.error("--log-every must be >= 1, --num-threads >= 0, --upright-steps >= -1 (-1 = the "
                 "default)")

@@ -26,7 +26,8 @@ import torch.nn as nn
 from adapters import IAAConfig, MWAConfig
 from data.collate import ImageCache, to_device, vlm_batch
 from data.dataset import DataError, load_conversations, turn_samples
-from data.easyvqa import complete_captions, matching_statement, prepare_easyvqa, training_kind
+from data.easyvqa import (complete_captions, fewer_negated, matching_statement, prepare_easyvqa,
+                          training_kind)
 from dual_encoder import (CAPTION_TOKENS, OFFLINE_VIT, image_tokens, offline_dual_encoder,
                           retrieval_config, retrieval_model, stage0_trainable_, tower_trainable_,
                           trainable_keys, vit_tokens)
@@ -317,6 +318,10 @@ def vlm_job(cfg, env) -> Job:
     pixels = ImageCache(parts.processor)
     files = stage_data(cfg)
     samples = load_samples(files.train, files.image_root, cfg, env, pixels)
+    if cfg.negated_share:
+        samples = [samples[i] for i in fewer_negated([s.turns[-1] for s in samples],
+                                                     cfg.negated_share)]
+        env.log(f"--negated-share {cfg.negated_share}: {len(samples)} training rows")
     val = fixed_subset(load_val(files.val, files.image_root, cfg), cfg.val_samples)
     # easy-vqa's stage 2 also validates on yes/no questions a question-only model answers at 50%
     balanced = fixed_subset(load_val(files.balanced_val, files.image_root, cfg), cfg.val_samples)
