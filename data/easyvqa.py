@@ -143,12 +143,13 @@ def fewer_negated(rows: list[tuple[str, str]], share: float, seed: int = 0) -> l
     *the image shows what the question names* XOR *the question is negated*; at half and half
     neither part alone predicts the answer (a parity problem), while with fewer negated rows
     the first does, so a design can learn it first and the negation on top."""
-    negated = defaultdict(list)
-    plain = 0
+    negated, plain = defaultdict(list), 0
     for i, (question, answer) in enumerate(rows):
-        if answer in ("yes", "no") and is_negated(question):
+        if question_type(answer) != "yes/no":
+            continue
+        if is_negated(question):
             negated[question_template(question), answer].append(i)
-        elif answer in ("yes", "no"):
+        else:
             plain += 1
     n_negated = sum(len(group) for group in negated.values())
     fraction = min(1.0, share * plain / (1 - share) / max(n_negated, 1))
